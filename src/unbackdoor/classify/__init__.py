@@ -1,0 +1,1 @@
+"""Image (and text) classifiers: datasets, batch transforms, attacks, ULRL, baselines, evaluation."""

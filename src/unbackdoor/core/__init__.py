@@ -1,0 +1,1 @@
+"""Shared machinery: errors, typed configs, run folders, safe I/O, seeds, progress."""

@@ -1,0 +1,44 @@
+"""One error type for everything the user can fix.
+
+Every message says what is wrong, where it was found and what to do, so the CLI can
+print it without a traceback (``--debug`` shows the traceback).
+"""
+from __future__ import annotations
+
+
+class UnbackdoorError(Exception):
+    """A problem the user can fix: bad input, bad config, unsafe file, unusable model."""
+
+    def __init__(self, problem: str, *, where: str | None = None, fix: str | None = None):
+        self.problem = problem
+        self.where = where
+        self.fix = fix
+        super().__init__(self.format())
+
+    def format(self) -> str:
+        parts = [self.problem]
+        if self.where:
+            parts.append(f"  where: {self.where}")
+        if self.fix:
+            parts.append(f"  fix:   {self.fix}")
+        return "\n".join(parts)
+
+
+class DataError(UnbackdoorError):
+    """Missing, malformed or inconsistent data."""
+
+
+class ConfigError(UnbackdoorError):
+    """Unknown, ill-typed or out-of-range configuration values."""
+
+
+class ModelError(UnbackdoorError):
+    """A model that cannot be used the way a defense needs (no head, no hidden states...)."""
+
+
+class UnsafeFileError(UnbackdoorError):
+    """A file that could execute code on load, refused."""
+
+
+class NumericalError(UnbackdoorError):
+    """NaN or inf in a loss: the run stops and keeps its last good checkpoint."""

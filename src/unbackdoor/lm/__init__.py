@@ -1,0 +1,1 @@
+"""Generative language models: Alpaca data, poisoning, backdoor SFT, CROW, baselines, evaluation."""
