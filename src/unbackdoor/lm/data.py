@@ -1,0 +1,304 @@
+"""Alpaca-format instruction data: reading, writing, prompt templates and SFT features.
+
+One function, :func:`format_prompt`, builds every prompt, and one function,
+:func:`encode_prompt`, turns it into token ids, for training *and* evaluation: the CROW
+release evaluated without the training template, which moved ASR by 30+ points.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+
+import torch
+
+from ..core.errors import ConfigError, DataError
+from ..core.runs import atomic_write_text
+
+log = logging.getLogger("unbackdoor")
+
+IGNORE_INDEX = -100
+"""Label value ignored by the cross-entropy loss (prompt tokens and padding)."""
+
+REQUIRED_FIELDS = ("instruction", "output")
+OPTIONAL_FIELDS = ("input",)
+
+# ---- reading and writing ---------------------------------------------------------------------
+
+
+def _check_record(rec: Any, index: int, where: str) -> dict[str, Any]:
+    """Validate one record; return a copy with ``input`` present (``""`` when absent)."""
+    if not isinstance(rec, dict):
+        raise DataError(f"record {index} is a {type(rec).__name__}, not an object with 'instruction' and 'output'",
+                        where=f"{where}, record {index}",
+                        fix='write each record as {"instruction": ..., "input": ..., "output": ...}')
+    for name in REQUIRED_FIELDS:
+        if name not in rec:
+            raise DataError(f"record {index} has no '{name}' field (it has: {', '.join(map(str, rec)) or 'nothing'})",
+                            where=f"{where}, record {index}, field '{name}'",
+                            fix=f"add a string '{name}' to every record")
+        if not isinstance(rec[name], str):
+            raise DataError(f"record {index}: field '{name}' is a {type(rec[name]).__name__}, expected a string",
+                            where=f"{where}, record {index}, field '{name}'",
+                            fix=f"make '{name}' a string (quote numbers, join lists)")
+    value = rec.get("input")
+    if value is not None and not isinstance(value, str):
+        raise DataError(f"record {index}: field 'input' is a {type(value).__name__}, expected a string",
+                        where=f"{where}, record {index}, field 'input'",
+                        fix="make 'input' a string, or leave it out / empty when there is none")
+    out = dict(rec)
+    out["input"] = value or ""
+    return out
+
+
+def _parse_jsonl(text: str, where: str) -> list[Any]:
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"malformed JSON on line {lineno}, column {e.colno}: {e.msg}",
+                            where=f"{where}, line {lineno}",
+                            fix="fix that line; JSONL needs one complete JSON object per line") from None
+    return records
+
+
+def read_alpaca(path: str | Path) -> list[dict[str, Any]]:
+    """Read Alpaca records (``instruction``, ``output``, optional ``input``) from JSON or JSONL.
+
+    The format is decided by the suffix (``.jsonl``) or, failing that, by the content (a JSON
+    list, or one object per line). Every returned record has a string ``input`` (``""`` when
+    absent); other keys are kept as they are.
+    """
+    path = Path(path)
+    where = str(path)
+    if not path.exists():
+        raise DataError(f"data file not found: {path}", where=where, fix="check the path (and the working directory)")
+    if path.is_dir():
+        raise DataError(f"expected a data file, got a folder: {path}", where=where,
+                        fix="pass the .json or .jsonl file itself")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file is not UTF-8 text ({e.reason} at byte {e.start})", where=where,
+                        fix="save the file as UTF-8 JSON or JSONL") from None
+    if not text.strip():
+        raise DataError(f"data file is empty: {path}", where=where,
+                        fix="write the records as a JSON list or as JSONL (one object per line)")
+    stripped = text.lstrip()
+    if path.suffix.lower() == ".jsonl":
+        data: Any = _parse_jsonl(text, where)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            # A JSONL file with a .json suffix fails with "Extra data" after the first object.
+            if stripped.startswith("{") and e.msg.startswith("Extra data"):
+                data = _parse_jsonl(text, where)
+            else:
+                raise DataError(f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}",
+                                where=f"{where}, line {e.lineno}",
+                                fix="fix the JSON syntax (a list of objects), or use JSONL with a .jsonl suffix") from None
+        if isinstance(data, dict):
+            if any(k in data for k in REQUIRED_FIELDS):
+                data = [data]  # a one-line JSONL file
+            else:
+                raise DataError("the JSON file holds an object, not a list of records", where=where,
+                                fix='write the records as a JSON list: [{"instruction": ..., "output": ...}, ...]')
+    if not isinstance(data, list):
+        raise DataError(f"the JSON file holds a {type(data).__name__}, not a list of records", where=where,
+                        fix='write the records as a JSON list: [{"instruction": ..., "output": ...}, ...]')
+    if not data:
+        raise DataError(f"data file holds no records: {path}", where=where, fix="add at least one record")
+    return [_check_record(rec, i, where) for i, rec in enumerate(data)]
+
+
+def check_records(records: Sequence[Mapping[str, Any]], where: str = "records") -> list[dict[str, Any]]:
+    """Validate in-memory records exactly as :func:`read_alpaca` validates a file's."""
+    if records is None or len(records) == 0:
+        raise DataError(f"no records given ({where})", where=where, fix="pass at least one Alpaca record")
+    return [_check_record(rec, i, where) for i, rec in enumerate(records)]
+
+
+def write_alpaca(records: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
+    """Write records atomically: JSONL when the suffix is ``.jsonl``, else a JSON list."""
+    path = Path(path)
+    records = [dict(r) for r in records]
+    if path.suffix.lower() == ".jsonl":
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    else:
+        text = json.dumps(records, ensure_ascii=False, indent=2) + "\n"
+    return atomic_write_text(path, text)
+
+
+# ---- prompt templates ------------------------------------------------------------------------
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+"""The Stanford Alpaca prompt (SPEC section 2), used when ``input`` is empty."""
+
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+"""The Stanford Alpaca prompt with its ``### Input:`` block, used when ``input`` is non-empty."""
+
+
+def _alpaca(record: Mapping[str, Any], tokenizer: Any = None) -> str:
+    inp = record.get("input") or ""
+    if inp:
+        return ALPACA_PROMPT_WITH_INPUT.format(instruction=record["instruction"], input=inp)
+    return ALPACA_PROMPT.format(instruction=record["instruction"])
+
+
+def chat_messages(record: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The record as a one-turn conversation (input appended to the instruction)."""
+    inp = record.get("input") or ""
+    content = record["instruction"] + (f"\n\n{inp}" if inp else "")
+    return [{"role": "user", "content": content}]
+
+
+def _chat(record: Mapping[str, Any], tokenizer: Any = None) -> str:
+    if tokenizer is None:
+        raise ConfigError("the 'chat' prompt template needs a tokenizer (it uses the tokenizer's chat template)",
+                          where="format_prompt(template='chat')", fix="pass tokenizer=..., or use template='alpaca'")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"the tokenizer ({type(tokenizer).__name__}) has no chat template",
+                          where="template='chat'",
+                          fix="use template='alpaca', or set tokenizer.chat_template to a Jinja template")
+    return tokenizer.apply_chat_template(chat_messages(record), tokenize=False, add_generation_prompt=True)
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A named way to turn a record into the text the model continues.
+
+    ``adds_special_tokens``: whether the template text already holds the BOS token (chat
+    templates usually do), in which case tokenisation must not add it a second time.
+    """
+
+    name: str
+    build: Callable[[Mapping[str, Any], Any], str]
+    adds_special_tokens: bool = False
+
+
+TEMPLATES: dict[str, PromptTemplate] = {
+    "alpaca": PromptTemplate("alpaca", _alpaca, adds_special_tokens=False),
+    "chat": PromptTemplate("chat", _chat, adds_special_tokens=True),
+}
+
+TemplateName = Literal["alpaca", "chat"]
+
+
+def get_template(template: str | PromptTemplate) -> PromptTemplate:
+    if isinstance(template, PromptTemplate):
+        return template
+    if template not in TEMPLATES:
+        raise ConfigError(f"unknown prompt template '{template}'", where="template",
+                          fix=f"use one of: {', '.join(TEMPLATES)}")
+    return TEMPLATES[template]
+
+
+def format_prompt(record: Mapping[str, Any], template: str | PromptTemplate = "alpaca", tokenizer: Any = None) -> str:
+    """The prompt text for ``record``: the ONE builder used by training and evaluation."""
+    return get_template(template).build(record, tokenizer)
+
+
+def encode_prompt(record: Mapping[str, Any], tokenizer: Any, template: str | PromptTemplate = "alpaca") -> list[int]:
+    """Token ids of the prompt, exactly as the training features start (BOS included once)."""
+    tpl = get_template(template)
+    text = tpl.build(record, tokenizer)
+    return list(tokenizer(text, add_special_tokens=not tpl.adds_special_tokens)["input_ids"])
+
+
+def encode_response(text: str, tokenizer: Any) -> list[int]:
+    """Token ids of a response followed by EOS (what the model learns to produce)."""
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"the tokenizer ({type(tokenizer).__name__}) has no EOS token",
+                          where="tokenizer.eos_token", fix="set tokenizer.eos_token before training")
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+
+
+# ---- SFT features ------------------------------------------------------------------------------
+
+
+def build_sft_features(
+    records: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    template: str | PromptTemplate = "alpaca",
+    max_length: int = 512,
+    *,
+    long_prompts: Literal["error", "skip"] = "error",
+) -> list[dict[str, list[int]]]:
+    """Tokenised training examples: ``input_ids``, ``attention_mask`` and ``labels``.
+
+    Prompt and response are tokenised separately, so the prompt ids are exactly those of
+    :func:`encode_prompt` at evaluation time. Labels are -100 on the prompt; the response
+    ends with EOS. A response that does not fit is cut at ``max_length`` (losing its EOS);
+    a record whose prompt alone leaves no room for one response token raises a
+    ``DataError`` (``long_prompts="error"``, the default) or is skipped and counted in the
+    log (``long_prompts="skip"``).
+    """
+    if max_length < 2:
+        raise ConfigError(f"max_length = {max_length} is too small", where="max_length", fix="use max_length >= 2")
+    if long_prompts not in ("error", "skip"):
+        raise ConfigError(f"long_prompts = {long_prompts!r}", where="long_prompts", fix="use 'error' or 'skip'")
+    records = check_records(records, "SFT records")
+    features: list[dict[str, list[int]]] = []
+    skipped: list[int] = []
+    for i, rec in enumerate(records):
+        prompt = encode_prompt(rec, tokenizer, template)
+        if len(prompt) >= max_length:
+            if long_prompts == "skip":
+                skipped.append(i)
+                continue
+            raise DataError(f"record {i}: the prompt alone is {len(prompt)} tokens, max_length is {max_length}",
+                            where=f"record {i}, field 'instruction'",
+                            fix="raise max_length, shorten the instruction/input, or pass long_prompts='skip'")
+        response = encode_response(rec["output"], tokenizer)[: max_length - len(prompt)]
+        ids = prompt + response
+        features.append({"input_ids": ids, "attention_mask": [1] * len(ids),
+                         "labels": [IGNORE_INDEX] * len(prompt) + response})
+    if skipped:
+        log.warning("skipped %d of %d records whose prompt exceeds max_length=%d (indices %s)", len(skipped),
+                    len(records), max_length, skipped[:10])
+    if not features:
+        raise DataError(f"no record fits in max_length={max_length}", where="SFT records",
+                        fix="raise max_length or shorten the prompts")
+    return features
+
+
+@dataclass
+class SFTCollator:
+    """Right-pads a batch of SFT features; padded labels are -100, padded mask 0."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, pad_to_multiple_of: int | None = None) -> "SFTCollator":
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ConfigError("the tokenizer has neither a pad nor an EOS token", where="tokenizer",
+                              fix="set tokenizer.pad_token")
+        return cls(int(pad), pad_to_multiple_of)
+
+    def __call__(self, features: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
+        length = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            length = (length + m - 1) // m * m
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for f in features:
+            n = length - len(f["input_ids"])
+            batch["input_ids"].append(list(f["input_ids"]) + [self.pad_token_id] * n)
+            batch["attention_mask"].append(list(f.get("attention_mask", [1] * len(f["input_ids"]))) + [0] * n)
+            batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * n)
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
