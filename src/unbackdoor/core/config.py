@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -134,7 +135,7 @@ def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config", pre
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for key, value in data.items():
-        if key not in fields:
+        if not isinstance(key, str) or key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(sorted(fields))}"
             raise ConfigError(f"unknown config key '{prefix}{key}' for {cls.__name__}", where=source,
@@ -142,8 +143,15 @@ def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config", pre
         kwargs[key] = _coerce(value, hints[key], prefix + key, source)
     try:
         return cls(**kwargs)
+    except ConfigError as e:
+        if e.where in (None, "config", cls.__name__) and source != "config":
+            e.where = f"{source} ({cls.__name__})"  # say which file/flags held the bad value
+            e.args = (e.format(),)
+        raise
     except TypeError as e:  # missing required fields
         raise ConfigError(f"{cls.__name__}: {e}", where=source, fix="provide every required key") from None
+    except ValueError as e:  # a __post_init__ check that does not use check_*
+        raise ConfigError(f"{cls.__name__}: {e}", where=source, fix="correct the value named above") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -159,29 +167,51 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return {k: clean(v) for k, v in dataclasses.asdict(cfg).items()}
 
 
+_KEY_RE = re.compile(r"[^\s.=]+(\.[^\s.=]+)*")  # non-empty dotted segments
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """``["lr=1e-3", "lora.r=8"]`` -> nested dict; values parsed as YAML scalars."""
     out: dict[str, Any] = {}
+    if isinstance(items, str):
+        items = [items]
     for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value", where="command line",
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value", where="command line",
                               fix="write overrides as key=value, e.g. alpha=5.5")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                value = float(value) if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value) else value
-            except ValueError:
-                pass
+        key = key.strip()
+        if not _KEY_RE.fullmatch(key):
+            raise ConfigError(f"override {item!r} has an invalid key {key!r}", where="command line",
+                              fix="keys are field names, dotted for nested configs, e.g. lora.r=8")
+        value = _parse_scalar(raw)
         node = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
+        parts = key.split(".")
+        for depth, p in enumerate(parts[:-1]):
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                prefix = ".".join(parts[: depth + 1])
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of '{prefix}'",
+                                  where="command line", fix=f"set either '{prefix}' or its nested keys, not both")
+            node = child
+        if isinstance(node.get(parts[-1]), dict) and not isinstance(value, dict):
+            raise ConfigError(f"override {item!r} conflicts with earlier overrides of '{key}.*'",
+                              where="command line", fix=f"set either '{key}' or its nested keys, not both")
         node[parts[-1]] = value
     return out
+
+
+def _parse_scalar(raw: str) -> Any:
+    """A command-line value as YAML would read it; anything YAML cannot read stays a string."""
+    if raw == "":
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError):
+        value = raw
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value):
+        value = float(value)  # YAML 1.1 reads "1e-3" as a string
+    return value
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -195,13 +225,30 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from ``path``; every way the file can be wrong is a ``ConfigError`` naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config path is a folder, not a file: {path}", where=str(path),
+                          fix="pass the YAML file itself to --config")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}", where=str(path), fix="check the path given to --config")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file is not UTF-8 text (byte {e.start})", where=str(path),
+                          fix="save the config as UTF-8 YAML") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file: {e.strerror or e}", where=str(path),
+                          fix="check the file's permissions") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file is not valid YAML: {e}", where=str(path), fix="fix the YAML syntax") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:  # e.g. a bad !!timestamp, deep nesting
+        raise ConfigError(f"config file has a value YAML cannot read: {type(e).__name__}: {str(e)[:200]}",
+                          where=str(path), fix="quote the value or simplify the YAML") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
         raise ConfigError("config file must hold a mapping of keys to values", where=str(path),
                           fix="write the config as 'key: value' lines")
@@ -233,20 +280,42 @@ def check(condition: bool, key: str, value: Any, requirement: str, cls: str = ""
                           where=cls or "config", fix=f"set '{key}' to a value that is {requirement}")
 
 
+def _finite_number(v: Any) -> bool:
+    """A real number that is not NaN or infinite (bools are not numbers here)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        try:
+            import numpy as np
+
+            if not isinstance(v, (np.integer, np.floating)):
+                return False
+        except ImportError:  # pragma: no cover
+            return False
+    if isinstance(v, int) or (hasattr(v, "dtype") and getattr(v.dtype, "kind", "") in "iu"):
+        return True  # integers are finite (and float() of a huge one would overflow)
+    return math.isfinite(float(v))
+
+
 def check_positive(cfg: Any, *keys: str) -> None:
     for k in keys:
         v = getattr(cfg, k)
-        check(v is not None and v > 0, k, v, "> 0", type(cfg).__name__)
+        check(_finite_number(v) and v > 0, k, v, "a finite number > 0", type(cfg).__name__)
 
 
 def check_non_negative(cfg: Any, *keys: str) -> None:
     for k in keys:
         v = getattr(cfg, k)
-        check(v is not None and v >= 0, k, v, ">= 0", type(cfg).__name__)
+        check(_finite_number(v) and v >= 0, k, v, "a finite number >= 0", type(cfg).__name__)
 
 
 def check_fraction(cfg: Any, *keys: str, open_low: bool = False) -> None:
     for k in keys:
         v = getattr(cfg, k)
-        ok = v is not None and (0 < v <= 1 if open_low else 0 <= v <= 1)
+        ok = _finite_number(v) and (0 < v <= 1 if open_low else 0 <= v <= 1)
         check(ok, k, v, "in (0, 1]" if open_low else "in [0, 1]", type(cfg).__name__)
+
+
+def check_choice(cfg: Any, key: str, choices: Any) -> None:
+    """Raise a ConfigError unless ``cfg.key`` is one of ``choices`` (for values built in Python)."""
+    v = getattr(cfg, key)
+    choices = tuple(choices)
+    check(v in choices, key, v, "one of " + ", ".join(repr(c) for c in choices), type(cfg).__name__)

@@ -5,6 +5,8 @@ print it without a traceback (``--debug`` shows the traceback).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class UnbackdoorError(Exception):
     """A problem the user can fix: bad input, bad config, unsafe file, unusable model."""
@@ -22,6 +24,31 @@ class UnbackdoorError(Exception):
         if self.fix:
             parts.append(f"  fix:   {self.fix}")
         return "\n".join(parts)
+
+    def __str__(self) -> str:
+        return self.format()
+
+    def __reduce__(self):
+        # keep problem/where/fix across pickling (DataLoader workers, multiprocessing, sweeps)
+        return (_rebuild, (type(self), self.problem, self.where, self.fix))
+
+
+def _rebuild(cls: type[UnbackdoorError], problem: str, where: str | None, fix: str | None) -> UnbackdoorError:
+    err = cls.__new__(cls)
+    UnbackdoorError.__init__(err, problem, where=where, fix=fix)
+    return err
+
+
+def location(file: str | Path | None = None, index: int | None = None, field: str | None = None) -> str:
+    """``"data.json, record 3, field 'output'"``: the ``where`` of an error about one record."""
+    parts = []
+    if file is not None:
+        parts.append(str(file))
+    if index is not None:
+        parts.append(f"record {index}")
+    if field is not None:
+        parts.append(f"field '{field}'")
+    return ", ".join(parts) or "input"
 
 
 class DataError(UnbackdoorError):

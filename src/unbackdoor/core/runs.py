@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import json
 import logging
 import os
 import platform
+import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -38,15 +41,102 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process umask, read once (reading it means setting it, which is not thread-safe)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@functools.lru_cache(maxsize=1)
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+
+
+def _owner_tag() -> str:
+    """``pid<N>-<host>``: who writes a temporary file, so only a dead writer's leftovers are removed."""
+    return f"pid{os.getpid()}-{_host()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but not ours (EPERM)
+        return True
+    return True
+
+
+def _temp_owner(final_name: str, name: str) -> int | None:
+    """The writer's pid in one of our temporary names for ``final_name``, else None.
+
+    Names: ``.<final>.pid<N>-<host>.<random>.tmp`` (files), ``.<final>.tmp-pid<N>-<host>.<hex>``
+    and ``.<final>.old-pid<N>-<host>.<hex>`` (folders). Names written on another host (a shared
+    file system) are never judged from here: None.
+    """
+    prefix = f".{final_name}."
+    if not name.startswith(prefix):
+        return None
+    m = re.match(r"(?:tmp-|old-)?pid(\d+)(?:-([A-Za-z0-9_-]+))?\.", name[len(prefix):])
+    if not m or (m.group(2) is not None and m.group(2) != _host()):
+        return None
+    return int(m.group(1))
+
+
+def clean_stale_temps(final: str | Path) -> list[Path]:
+    """Remove what killed writers of ``final`` left behind; restore ``final`` if a swap was cut short.
+
+    Temporary names carry their writer's pid, so only leftovers of dead processes are removed.
+    If ``final`` is missing but a complete previous version was moved aside
+    (``.<final>.old-pid...``) by a writer killed between its two renames, it is put back.
+    Returns the paths removed or restored.
+    """
+    final = Path(final)
+    parent = final.parent
+    if not parent.is_dir():
+        return []
+    touched: list[Path] = []
+    for p in sorted(parent.glob(f".{_glob_escape(final.name)}.*")):
+        owner = _temp_owner(final.name, p.name)
+        if owner is None or _pid_alive(owner):
+            continue
+        if ".old-" in p.name and not final.exists() and p.is_dir():
+            os.replace(p, final)
+            log.warning("restored %s from %s (a writer was killed mid-swap)", final, p.name)
+            touched.append(final)
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        touched.append(p)
+    return touched
+
+
+def _glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to a temporary sibling, fsync, then rename over ``path``: whole or not at all."""
     path = Path(path)
+    if path.is_dir():
+        raise UnbackdoorError(f"cannot write file {path}: a folder of that name exists", where=str(path),
+                              fix="choose another output path, or remove the folder")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner_tag()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give outputs the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -80,21 +170,64 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, to_json(obj))
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    rc = fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange)
+    return rc == 0
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``final`` in one rename.
 
-    A crash inside the block leaves ``final`` untouched (old complete output, or none).
+    A crash inside the block leaves ``final`` untouched (old complete output, or none). An
+    existing ``final`` is swapped atomically where the OS allows it (Linux); elsewhere it is
+    moved aside first, and :func:`clean_stale_temps` (run on the next write) puts it back if
+    the process died between the two renames. Leftovers of killed writers are removed then too.
     """
     final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise UnbackdoorError(f"cannot write folder {final}: a file of that name exists", where=str(final),
+                              fix="choose another output path, or remove the file")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    clean_stale_temps(final)
+    tag = f"{_owner_tag()}.{uuid.uuid4().hex[:8]}"
+    tmp = final.parent / f".{final.name}.tmp-{tag}"
     tmp.mkdir()
     try:
         yield tmp
+        _fsync_tree(tmp)
+        if final.exists() and _exchange(tmp, final):
+            # tmp now holds the previous output; final the new one
+            _fsync_dir(final.parent)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         old = None
         if final.exists():
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            old = final.parent / f".{final.name}.old-{tag}"
             os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
@@ -214,3 +347,31 @@ class RunDir:
     def write_indices(self, indices: Any, name: str = "clean_indices.json") -> Path:
         """The indices of the clean data the defense saw (a defense sees only these)."""
         return self.write_json(name, {"indices": [int(i) for i in indices]})
+
+
+# ---- checkpoints written by others (Hugging Face Trainer) --------------------------------
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def last_complete_checkpoint(folder: str | Path, marker: str = "trainer_state.json") -> Path | None:
+    """The newest ``checkpoint-N`` folder that was written to the end, or None.
+
+    The Hugging Face Trainer writes ``checkpoint-N`` in place (not atomically) and
+    ``trainer_state.json`` last, so a run killed while saving leaves a newer folder without
+    it. ``transformers.trainer_utils.get_last_checkpoint`` would pick that half-written folder;
+    this skips it. Resume from what this returns.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = []
+    for p in folder.iterdir():
+        m = _CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir() and (p / marker).is_file():
+            try:
+                json.loads((p / marker).read_text(encoding="utf-8"))
+            except (ValueError, OSError):
+                continue  # cut short while writing the marker itself
+            found.append((int(m.group(1)), p))
+    return max(found)[1] if found else None
