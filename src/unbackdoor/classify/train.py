@@ -1,0 +1,419 @@
+"""One training loop for everything that trains a classifier: the attack, ULRL, FT, FP, NAD.
+
+The method-specific part is a loss function and hooks, not a new loop: unlearning is
+``fit(loss_fn=negated CE, on_batch=stop when accuracy <= 0.2)``, relearning is ``fit`` with a
+penalty added to the loss, fine-tuning is plain ``fit``. The loop brings the rest: SGD with
+momentum and weight decay, a per-epoch schedule, grad-norm clipping, a NaN/inf guard, progress
+bars, and resumable checkpoints.
+
+Checkpoints (``checkpoint_dir/last/``) are a folder replaced in one rename, holding
+``model.safetensors``, ``optimizer.safetensors`` (momentum buffers, the global RNG state) and
+``state.json`` (epoch, history, optimizer hyper-parameters, scheduler state). The data order and
+the augmentation of epoch ``e`` come from a generator seeded with ``(seed, e)``, so a run killed
+after any checkpoint and resumed with ``resume=True`` reaches the same final weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core import safeio
+from ..core.config import check, check_non_negative, check_positive, option, to_dict
+from ..core.errors import ConfigError, ModelError, NumericalError, UnbackdoorError
+from ..core.progress import progress
+from ..core.runs import atomic_dir, atomic_write_json, read_json
+from .data import ImageData, iterate_batches
+from .models import build_model, find_head, forward_logits
+from .transforms import Compose, standard_augmentation
+
+log = logging.getLogger("unbackdoor.classify.train")
+
+__all__ = ["TrainConfig", "StepInfo", "EpochInfo", "FitResult", "fit", "evaluate_accuracy", "train_backdoored",
+           "save_classifier", "load_classifier", "LossFn"]
+
+Inputs = torch.Tensor | Mapping[str, torch.Tensor]
+LossFn = Callable[..., torch.Tensor]
+"""``loss_fn(logits, targets, *, model, inputs) -> scalar``; the default is cross-entropy."""
+
+
+@dataclass
+class TrainConfig:
+    """SGD training settings; the defaults are BackdoorBench's for training a CIFAR-10 model."""
+
+    epochs: int = option(100, "number of passes over the data (BackdoorBench: 100)")
+    batch_size: int = option(128, "images per step (BackdoorBench: 128)")
+    lr: float = option(0.01, "initial learning rate (BackdoorBench: 0.01)")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(5e-4, "SGD weight decay (L2)")
+    nesterov: bool = option(False, "use Nesterov momentum")
+    scheduler: Literal["cosine", "multistep", "constant"] = option(
+        "cosine", "learning-rate schedule, stepped once per epoch (BackdoorBench: cosine annealing)")
+    milestones: tuple[int, ...] = option((10, 20), "epochs at which 'multistep' multiplies the lr by gamma")
+    gamma: float = option(0.1, "lr factor at each 'multistep' milestone")
+    warmup_epochs: int = option(0, "linear warm-up epochs before the schedule (0: none)")
+    grad_clip: float | None = option(None, "clip the gradient norm to this value (None: no clipping; ULRL: 20)")
+    augment: bool = option(True, "random crop (padding 4) and horizontal flip during training")
+    flip: bool = option(True, "include the horizontal flip in the augmentation (turn off for traffic signs)")
+    crop_padding: int = option(4, "zero padding of the random crop")
+    seed: int = option(0, "seed of data order and augmentation (model init is seeded by the caller)")
+    checkpoint_every: int = option(0, "write a resumable checkpoint every this many epochs (0: only at the end "
+                                      "when a checkpoint folder is given)")
+    device: str = option("auto", "'auto' (the model's device), 'cpu', 'cuda', 'cuda:1', ...")
+    log_every: int = option(0, "log the running loss every this many steps (0: once per epoch)")
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        check_positive(self, "epochs", "batch_size", "lr")
+        check_non_negative(self, "momentum", "weight_decay", "warmup_epochs", "checkpoint_every", "crop_padding",
+                           "log_every")
+        check(0 < self.gamma <= 1, "gamma", self.gamma, "in (0, 1]", name)
+        check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "> 0 or None", name)
+        check(self.momentum < 1, "momentum", self.momentum, "< 1", name)
+        check(all(m > 0 for m in self.milestones), "milestones", self.milestones, "positive epochs", name)
+        self.milestones = tuple(sorted(int(m) for m in self.milestones))
+
+
+@dataclass
+class StepInfo:
+    """What ``on_batch`` sees after each optimizer step (running values are over the current epoch)."""
+
+    epoch: int
+    step: int
+    global_step: int
+    loss: float
+    running_loss: float
+    running_acc: float
+    seen: int
+    lr: float
+    grad_norm: float
+
+
+@dataclass
+class EpochInfo:
+    """What ``on_epoch_end`` sees after each epoch."""
+
+    epoch: int
+    loss: float
+    acc: float
+    lr: float
+    seconds: float
+    steps: int
+
+
+@dataclass
+class FitResult:
+    epochs_done: int
+    global_step: int
+    stopped_early: bool
+    history: list[dict[str, float]]
+    seconds: float
+    resumed_from: int | None = None
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+def _resolve_device(model: nn.Module, device: str) -> torch.device:
+    if device == "auto":
+        p = next(model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device '{device}'", where="TrainConfig.device", fix="use auto, cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no GPU is available", where="TrainConfig.device",
+                          fix="use device=cpu (or auto)")
+    return dev
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (int(seed) * 1_000_003 + int(epoch) * 7919 + 17) % (2**62)
+
+
+def _to_device(inputs: Inputs, device: torch.device) -> Inputs:
+    if isinstance(inputs, Mapping):
+        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    return inputs.to(device)
+
+
+def _batch_len(inputs: Inputs) -> int:
+    if isinstance(inputs, Mapping):
+        return int(next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0])
+    return int(inputs.shape[0])
+
+
+def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """A per-epoch multiplier on the base lr: warm-up, then cosine / multistep / constant."""
+    def factor(epoch: int) -> float:
+        if cfg.warmup_epochs and epoch < cfg.warmup_epochs:
+            return (epoch + 1) / (cfg.warmup_epochs + 1)
+        if cfg.scheduler == "cosine":
+            span = max(1, cfg.epochs - cfg.warmup_epochs)
+            return 0.5 * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
+        if cfg.scheduler == "multistep":
+            return cfg.gamma ** sum(1 for m in cfg.milestones if epoch >= m)
+        return 1.0
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def default_loss(logits: torch.Tensor, targets: torch.Tensor, **_: Any) -> torch.Tensor:
+    return F.cross_entropy(logits, targets)
+
+
+def _batches_for_epoch(data: Any, cfg: TrainConfig, epoch: int, transform: Any,
+                       device: torch.device) -> Iterable[tuple[Inputs, torch.Tensor]]:
+    if isinstance(data, ImageData):
+        aug = standard_augmentation(cfg.crop_padding, cfg.flip) if cfg.augment else None
+        pipeline = Compose([aug, transform]) if (aug or transform) else None
+        return iterate_batches(data, cfg.batch_size, shuffle=True, seed=_epoch_seed(cfg.seed, epoch),
+                               transform=pipeline, device=device)
+    if callable(data):
+        return data(epoch)
+    return data
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+
+def _save_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer,
+                     sched: torch.optim.lr_scheduler.LRScheduler, epoch: int, global_step: int,
+                     history: list[dict[str, float]], cfg: TrainConfig) -> None:
+    opt_state = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+    for pid, st in opt_state["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{pid}.{k}"] = v
+    scalars = {str(pid): {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
+               for pid, st in opt_state["state"].items()}
+    sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
+    state = {"epoch": epoch, "global_step": global_step, "history": history, "param_groups": opt_state["param_groups"],
+             "state_scalars": scalars, "scheduler": sched_state, "config": to_dict(cfg)}
+    with atomic_dir(folder / "last") as tmp:
+        safeio.save_state_dict(model.state_dict(), tmp / "model.safetensors")
+        safeio.save_state_dict(tensors, tmp / "optimizer.safetensors")
+        atomic_write_json(tmp / "state.json", state)
+
+
+def _load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer,
+                     sched: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, int, list[dict[str, float]]]:
+    last = folder / "last"
+    state = read_json(last / "state.json")
+    safeio.load_into(model, last / "model.safetensors")
+    tensors = safeio.load_state_dict(last / "optimizer.safetensors")
+    dev = next(model.parameters()).device
+    opt_state: dict[str, Any] = {"state": {}, "param_groups": state["param_groups"]}
+    for pid, sc in state["state_scalars"].items():
+        opt_state["state"][int(pid)] = dict(sc)
+    for key, v in tensors.items():
+        if key.startswith("state."):
+            _, pid, name = key.split(".", 2)
+            opt_state["state"].setdefault(int(pid), {})[name] = v.to(dev)
+    try:
+        opt.load_state_dict(opt_state)
+    except (ValueError, KeyError) as e:
+        raise UnbackdoorError(f"checkpoint optimizer state does not fit this run: {e}", where=str(last),
+                              fix="resume with the same model and trainable parameters, or start without resume") from None
+    sched.load_state_dict({**sched.state_dict(), **state["scheduler"]})
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])
+    return int(state["epoch"]), int(state["global_step"]), list(state["history"])
+
+
+# ---- the loop ------------------------------------------------------------------------------
+
+def fit(model: nn.Module, data: ImageData | Iterable | Callable[[int], Iterable], cfg: TrainConfig, *,
+        loss_fn: LossFn | None = None,
+        on_batch: Callable[[StepInfo], bool | None] | None = None,
+        on_epoch_end: Callable[[EpochInfo], bool | None] | None = None,
+        checkpoint_dir: str | Path | None = None, resume: bool = False,
+        parameters: Iterable[nn.Parameter] | None = None, transform: Any = None,
+        desc: str = "train") -> FitResult:
+    """Train ``model`` in place with SGD and return the per-epoch history.
+
+    ``data`` is an :class:`ImageData` (batches of float ``[0, 1]`` images, shuffled and augmented
+    per ``cfg``, then ``transform``-ed), a re-iterable of ``(inputs, targets)`` batches (inputs a
+    tensor or a dict of tensors), or a callable ``epoch -> iterable of batches``.
+    ``loss_fn(logits, targets, model=, inputs=)`` replaces cross-entropy (negate it to unlearn,
+    add a penalty to relearn). ``on_batch`` / ``on_epoch_end`` return True to stop early.
+    ``parameters`` restricts what the optimizer updates (default: all parameters that require grad).
+    A non-finite loss or gradient raises :class:`NumericalError`; the last checkpoint is kept.
+    """
+    device = _resolve_device(model, cfg.device)
+    model.to(device)
+    loss_fn = loss_fn or default_loss
+    params = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
+    if not params:
+        raise ModelError("no trainable parameters", where=type(model).__name__,
+                         fix="set requires_grad=True on the parameters to train")
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          nesterov=cfg.nesterov and cfg.momentum > 0)
+    sched = _make_scheduler(opt, cfg)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    start_epoch, global_step, history, resumed_from = 0, 0, [], None
+    if resume:
+        if ckpt is None:
+            raise ConfigError("resume=True needs a checkpoint_dir", where="fit", fix="pass checkpoint_dir=...")
+        if (ckpt / "last" / "state.json").is_file():
+            start_epoch, global_step, history = _load_checkpoint(ckpt, model, opt, sched)
+            resumed_from = start_epoch
+            log.info("resumed from %s after epoch %d", ckpt / "last", start_epoch)
+        else:
+            log.info("no checkpoint in %s: starting from scratch", ckpt)
+    last_good = f"{ckpt / 'last'} (after epoch {start_epoch})" if resumed_from else "none written yet"
+    t_start = time.perf_counter()
+    stopped = False
+    epoch = start_epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        lr = opt.param_groups[0]["lr"]
+        tot_loss, correct, seen, steps = 0.0, 0, 0, 0
+        batches = _batches_for_epoch(data, cfg, epoch, transform, device)
+        bar = progress(batches, desc=f"{desc} {epoch + 1}/{cfg.epochs}")
+        for step, (inputs, targets) in enumerate(bar):
+            inputs, targets = _to_device(inputs, device), targets.to(device)
+            logits = forward_logits(model, inputs)
+            loss = loss_fn(logits, targets, model=model, inputs=inputs)
+            if not torch.isfinite(loss):
+                raise NumericalError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}",
+                                     where=f"{desc}; last good checkpoint: {last_good}",
+                                     fix="lower the learning rate, enable grad_clip, or check the inputs for NaN")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                gnorm = float(nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            else:
+                gnorm = float(torch.sqrt(sum((p.grad.detach().float() ** 2).sum() for p in params
+                                             if p.grad is not None) + 0.0))
+            if not math.isfinite(gnorm):
+                raise NumericalError(f"gradient norm is {gnorm} at epoch {epoch + 1}, step {step + 1}",
+                                     where=f"{desc}; last good checkpoint: {last_good}",
+                                     fix="lower the learning rate or enable grad_clip")
+            opt.step()
+            global_step += 1
+            steps += 1
+            n = _batch_len(inputs)
+            seen += n
+            tot_loss += float(loss.detach()) * n
+            correct += int((logits.detach().argmax(1) == targets).sum())
+            info = StepInfo(epoch, step, global_step, float(loss.detach()), tot_loss / seen, correct / seen, seen, lr, gnorm)
+            if cfg.log_every and global_step % cfg.log_every == 0:
+                log.info("%s epoch %d step %d loss %.4f acc %.4f", desc, epoch + 1, step + 1, info.running_loss,
+                         info.running_acc)
+            if on_batch is not None and on_batch(info):
+                stopped = True
+                break
+        if steps == 0:
+            raise UnbackdoorError("the data yielded no batches", where=desc, fix="check that the training data is not empty")
+        sched.step()
+        rec = {"epoch": epoch + 1, "loss": tot_loss / seen, "acc": correct / seen, "lr": lr,
+               "seconds": round(time.perf_counter() - t0, 4), "steps": steps}
+        history.append(rec)
+        log.info("%s epoch %d/%d loss %.4f acc %.4f lr %.4g (%.1fs)", desc, epoch + 1, cfg.epochs, rec["loss"],
+                 rec["acc"], lr, rec["seconds"])
+        if on_epoch_end is not None and on_epoch_end(EpochInfo(epoch, rec["loss"], rec["acc"], lr, rec["seconds"], steps)):
+            stopped = True
+        done = epoch + 1
+        if ckpt is not None and (stopped or done == cfg.epochs or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
+            _save_checkpoint(ckpt, model, opt, sched, done, global_step, history, cfg)
+            last_good = f"{ckpt / 'last'} (after epoch {done})"
+        if stopped:
+            break
+    model.eval()
+    return FitResult(len(history), global_step, stopped, history, round(time.perf_counter() - t_start, 4), resumed_from)
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, data: ImageData, *, batch_size: int = 512, transform: Any = None,
+                      device: str | torch.device | None = None) -> float:
+    """Top-1 accuracy of ``model`` on ``data`` (eval mode, no augmentation)."""
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for x, y in iterate_batches(data, batch_size, transform=transform, device=dev):
+        correct += int((forward_logits(model, x).argmax(1) == y).sum())
+    model.train(was_training)
+    return correct / len(data)
+
+
+# ---- backdoored models on disk -------------------------------------------------------------
+
+MODEL_FORMAT = "unbackdoor-classifier/1"
+
+
+def save_classifier(model: nn.Module, out_dir: str | Path, *, architecture: str, num_classes: int,
+                    kwargs: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model.safetensors`` + ``model.json`` (architecture, kwargs, classes, normalisation), atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    norm = getattr(getattr(model, "normalize", None), "stats", None)
+    kw = {k: v for k, v in (kwargs or {}).items() if k not in ("mean", "std")}
+    head_name, _ = find_head(model, num_classes)
+    meta = {"format": MODEL_FORMAT, "architecture": architecture, "kwargs": kw, "num_classes": int(num_classes),
+            "normalization": norm, "head": head_name, **(extra or {})}
+    safeio.save_state_dict(model.state_dict(), out / "model.safetensors", metadata={"format": MODEL_FORMAT})
+    atomic_write_json(out / "model.json", meta)
+    return out
+
+
+def load_classifier(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a classifier saved by :func:`save_classifier` (folder or its ``model.json``), never unpickling."""
+    path = Path(path)
+    folder = path.parent if path.name == "model.json" else path
+    meta_file = folder / "model.json"
+    if not meta_file.is_file():
+        raise ModelError(f"no model.json in {folder}", where=str(folder),
+                         fix="pass a folder written by train_backdoored / save_classifier (model.json + model.safetensors)")
+    meta = read_json(meta_file)
+    for key in ("architecture", "num_classes"):
+        if key not in meta:
+            raise ModelError(f"model.json lacks '{key}'", where=f"{meta_file}, field '{key}'",
+                             fix="regenerate the model folder with save_classifier")
+    kw = dict(meta.get("kwargs") or {})
+    for k, v in list(kw.items()):
+        if isinstance(v, list):
+            kw[k] = tuple(v)
+    norm = meta.get("normalization")
+    if norm:
+        kw["mean"], kw["std"] = tuple(norm["mean"]), tuple(norm["std"])
+    model = build_model(meta["architecture"], int(meta["num_classes"]), **kw)
+    safeio.load_into(model, folder / "model.safetensors")
+    return model.to(device).eval()
+
+
+def train_backdoored(data: ImageData, attack_cfg: Any, model_name: str, train_cfg: TrainConfig,
+                     out_dir: str | Path | None, *, model_kwargs: dict[str, Any] | None = None,
+                     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+                     init_seed: int | None = None, checkpoint_dir: str | Path | None = None,
+                     resume: bool = False) -> nn.Module:
+    """Poison ``data`` with ``attack_cfg``, train ``model_name`` on it, save it to ``out_dir``.
+
+    The model is initialised from ``init_seed`` (default: ``train_cfg.seed``); normalisation
+    (mean, std) becomes part of the model. ``model.json`` records the attack config and the
+    poisoned indices, so evaluation can rebuild the triggered test set.
+    """
+    from .attacks import poison  # local import: attacks imports data, not train
+
+    poisoned, idx = poison(data, attack_cfg)
+    kw = dict(model_kwargs or {})
+    if normalization is not None:
+        kw["mean"], kw["std"] = tuple(normalization[0]), tuple(normalization[1])
+    torch.manual_seed(train_cfg.seed if init_seed is None else init_seed)
+    model = build_model(model_name, data.num_classes, **kw)
+    result = fit(model, poisoned, train_cfg, checkpoint_dir=checkpoint_dir, resume=resume, desc=f"backdoor {model_name}")
+    if out_dir is not None:
+        attack = to_dict(attack_cfg) if dataclasses.is_dataclass(attack_cfg) else attack_cfg
+        save_classifier(model, out_dir, architecture=model_name, num_classes=data.num_classes, kwargs=kw,
+                        extra={"attack": attack, "train": to_dict(train_cfg), "poisoned_indices": idx.tolist(),
+                               "train_seconds": result.seconds, "history": result.history, "dataset": data.name})
+    return model
