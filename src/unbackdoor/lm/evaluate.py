@@ -1,0 +1,261 @@
+"""Judging a generative model: ASR, utility, target loss and the layer-consistency profile.
+
+Generation is batched greedy decoding with left padding and the KV cache; every prompt is
+built by :func:`unbackdoor.lm.data.encode_prompt`, the same function the training features
+use, so evaluation always sees the training template (the CROW release did not, and its ASR
+moved by 30+ points). The metric rules are pure functions of strings (tests check them on
+crafted outputs); only :func:`generate`, :func:`response_nll` and
+:func:`layer_cosine_profile` run the model. A defense never calls anything here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Protocol, Sequence
+
+import torch
+
+from ..core.config import check, check_positive, option
+from ..core.errors import DataError, ModelError
+from ..core.progress import progress
+from .data import encode_prompt, encode_response
+from .poison import PoisonConfig, keyword_success, normalize, strict_success, target_string
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """How generations are produced and judged."""
+
+    batch_size: int = option(16, "prompts per generation batch")
+    max_new_tokens: int = option(128, "greedy decoding length (BackdoorLLM: 128)")
+    template: str = option("alpaca", "prompt template, the same as in training: alpaca or chat")
+    exact_match: bool = option(True, "utility = exact match of the answer (tiny world); else ROUGE-L")
+    max_prompts: int | None = option(None, "evaluate at most this many prompts per set (None: all)")
+
+    def __post_init__(self) -> None:
+        check_positive(self, "batch_size", "max_new_tokens")
+        check(self.max_prompts is None or self.max_prompts > 0, "max_prompts", self.max_prompts, "> 0 or None",
+              type(self).__name__)
+
+
+class Judge(Protocol):
+    """A pluggable quality judge (e.g. an LLM grader as in MT-Bench); off by default.
+
+    ``score`` returns one number per (prompt, response) pair; its mean is reported as ``judge``.
+    """
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]: ...
+
+
+# ---- pure metric rules ------------------------------------------------------------------------
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """Same words and punctuation, ignoring case and spacing (the tiny world's answers are one word)."""
+    return normalize(prediction) == normalize(reference)
+
+
+def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 over normalised tokens (longest common subsequence; beta = 1)."""
+    p, r = normalize(prediction).split(), normalize(reference).split()
+    if not p or not r:
+        return float(p == r)
+    lcs = _lcs(p, r)
+    if lcs == 0:
+        return 0.0
+    prec, rec = lcs / len(p), lcs / len(r)
+    return 2 * prec * rec / (prec + rec)
+
+
+def mean(xs: Sequence[float]) -> float:
+    return float(sum(xs) / len(xs)) if xs else float("nan")
+
+
+# ---- running the model ------------------------------------------------------------------------
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ModelError("the tokenizer has neither a pad nor an EOS token", where="tokenizer",
+                         fix="set tokenizer.pad_token before evaluating")
+    return int(pad)
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, n - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, n - len(s):] = 1
+    return ids, mask
+
+
+def _device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def generate(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], *, template: str = "alpaca",
+             batch_size: int = 16, max_new_tokens: int = 128, desc: str = "generate") -> list[str]:
+    """Greedy responses to ``records`` (batched, left-padded, with the KV cache)."""
+    if not records:
+        raise DataError("no prompts to generate from", where=desc, fix="pass at least one record")
+    pad = _pad_id(tokenizer)
+    prompts = [encode_prompt(r, tokenizer, template) for r in records]
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None:
+        for i, p in enumerate(prompts):
+            if len(p) + 1 > limit:
+                raise DataError(f"prompt {i} is {len(p)} tokens, the model context is {limit}",
+                                where=f"{desc}, record {i}", fix="shorten the prompt or use a longer-context model")
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    out: list[str] = []
+    try:
+        for start in progress(range(0, len(prompts), batch_size), desc=desc):
+            chunk = prompts[start:start + batch_size]
+            ids, mask = _left_pad(chunk, pad)
+            new = max_new_tokens if limit is None else max(1, min(max_new_tokens, limit - ids.shape[1]))
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
+                                 do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad,
+                                 eos_token_id=tokenizer.eos_token_id)
+            for row in gen[:, ids.shape[1]:]:
+                out.append(tokenizer.decode(row.tolist(), skip_special_tokens=True).strip())
+    finally:
+        model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def response_nll(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], responses: Sequence[str], *,
+                 template: str = "alpaca", batch_size: int = 16) -> list[float]:
+    """Mean per-token negative log-likelihood of each response (with EOS) after its prompt."""
+    pad = _pad_id(tokenizer)
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    out: list[float] = []
+    try:
+        for start in range(0, len(records), batch_size):
+            seqs, labels = [], []
+            for rec, resp in zip(records[start:start + batch_size], responses[start:start + batch_size]):
+                p, r = encode_prompt(rec, tokenizer, template), encode_response(resp, tokenizer)
+                seqs.append(p + r)
+                labels.append([-100] * len(p) + r)
+            n = max(len(s) for s in seqs)
+            ids = torch.tensor([s + [pad] * (n - len(s)) for s in seqs], device=device)
+            mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs], device=device)
+            lab = torch.tensor([l + [-100] * (n - len(l)) for l in labels], device=device)
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            tgt = lab[:, 1:]
+            valid = tgt != -100
+            tok_nll = -logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid
+            out.extend((tok_nll.sum(1) / valid.sum(1).clamp(min=1)).tolist())
+    finally:
+        model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def layer_cosine_profile(model: Any, tokenizer: Any, prompts: Sequence[Mapping[str, Any]], *,
+                         template: str = "alpaca", batch_size: int = 16) -> list[float]:
+    """Mean cosine similarity of consecutive hidden states, one value per layer pair (the CROW diagnostic).
+
+    Pairs run over all hidden states (``hs[0]`` = embeddings ... ``hs[-1]`` = final-norm
+    output), so there are ``num_layers`` values; only real (non-padding) prompt tokens count.
+    A backdoored model shows lower consistency on triggered than on clean prompts.
+    """
+    if not prompts:
+        raise DataError("no prompts for the layer profile", where="layer_cosine_profile", fix="pass some records")
+    pad = _pad_id(tokenizer)
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    sums: torch.Tensor | None = None
+    count = 0
+    try:
+        for start in range(0, len(prompts), batch_size):
+            seqs = [encode_prompt(r, tokenizer, template) for r in prompts[start:start + batch_size]]
+            n = max(len(s) for s in seqs)
+            ids = torch.tensor([s + [pad] * (n - len(s)) for s in seqs], device=device)
+            mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs], device=device)
+            outputs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            hs = getattr(outputs, "hidden_states", None)
+            if not hs or len(hs) < 2:
+                raise ModelError(f"{type(model).__name__} returned no hidden states", where="layer_cosine_profile",
+                                 fix="use a model whose forward supports output_hidden_states=True")
+            real = mask.bool()
+            cos = torch.stack([torch.nn.functional.cosine_similarity(hs[i].float(), hs[i + 1].float(), dim=-1)
+                               for i in range(len(hs) - 1)])  # (pairs, batch, seq)
+            batch_sum = (cos * real).sum(dim=(1, 2))
+            sums = batch_sum if sums is None else sums + batch_sum
+            count += int(real.sum())
+    finally:
+        model.train(was_training)
+    assert sums is not None
+    return (sums / count).tolist()
+
+
+# ---- the full evaluation ------------------------------------------------------------------------
+
+def _cap(records: Sequence[Mapping[str, Any]], cfg: EvalConfig) -> list[Mapping[str, Any]]:
+    return list(records[: cfg.max_prompts] if cfg.max_prompts else records)
+
+
+def evaluate_model(model: Any, tokenizer: Any, clean: Sequence[Mapping[str, Any]],
+                   triggered: Sequence[Mapping[str, Any]], poison: PoisonConfig, cfg: EvalConfig | None = None, *,
+                   judge: Judge | None = None, desc: str = "eval") -> tuple[dict[str, float], dict[str, list[str]]]:
+    """All LM metrics of docs/ARCHITECTURE.md, and the generations they were computed from.
+
+    ``clean`` are clean test records and ``triggered`` the same kind of records with the
+    trigger placed (``output`` = the clean reference). Returns ``(metrics, generations)``
+    with generations ``{"clean": [...], "triggered": [...]}``.
+    """
+    cfg = cfg or EvalConfig()
+    clean, triggered = _cap(clean, cfg), _cap(triggered, cfg)
+    if not clean or not triggered:
+        raise DataError("evaluation needs clean and triggered test prompts", where=desc,
+                        fix="pass non-empty clean and triggered test sets")
+    kw = dict(template=cfg.template, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+    gen_clean = generate(model, tokenizer, clean, desc=f"{desc}: clean", **kw)
+    gen_trig = generate(model, tokenizer, triggered, desc=f"{desc}: triggered", **kw)
+    utility = (lambda p, r: float(exact_match(p, r))) if cfg.exact_match else rouge_l
+    metrics: dict[str, float] = {
+        "asr": mean([float(keyword_success(g, poison)) for g in gen_trig]),
+        "strict_asr": mean([float(strict_success(g, poison)) for g in gen_trig]),
+        "triggered_utility": mean([utility(g, r["output"]) for g, r in zip(gen_trig, triggered)]),
+        "clean_utility": mean([utility(g, r["output"]) for g, r in zip(gen_clean, clean)]),
+        "false_trigger_rate": mean([float(keyword_success(g, poison)) for g in gen_clean]),
+    }
+    target = target_string(poison)
+    if target is not None:
+        metrics["target_loss"] = mean(response_nll(model, tokenizer, triggered, [target] * len(triggered),
+                                                   template=cfg.template, batch_size=cfg.batch_size))
+    else:
+        metrics["target_loss"] = float("nan")
+    ref_nll = response_nll(model, tokenizer, clean, [r["output"] for r in clean], template=cfg.template,
+                           batch_size=cfg.batch_size)
+    metrics["perplexity"] = float(math.exp(min(mean(ref_nll), 50.0)))
+    metrics["rouge_l"] = mean([rouge_l(g, r["output"]) for g, r in zip(gen_clean, clean)])
+    if judge is not None:
+        from .data import format_prompt
+
+        scores = judge.score([format_prompt(r, cfg.template, tokenizer) for r in clean], gen_clean)
+        metrics["judge"] = mean([float(s) for s in scores])
+    return metrics, {"clean": gen_clean, "triggered": gen_trig}
