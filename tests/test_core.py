@@ -140,3 +140,8 @@ def test_aggregate_mean_std():
     agg = aggregate([{"asr": 0.0, "acc": 0.9}, {"asr": 0.2, "acc": 0.8}])
     assert agg["asr"]["mean"] == pytest.approx(0.1)
     assert agg["acc"]["std"] == pytest.approx(mean_std([0.9, 0.8])[1])
+
+
+def test_aggregate_does_not_count_nan():
+    agg = aggregate([{"asr": float("nan")}, {"asr": 0.5}])
+    assert agg["asr"]["n"] == 1 and agg["asr"]["mean"] == 0.5

@@ -7,55 +7,145 @@
     unbackdoor demo      the end-to-end demo on the built-in tiny worlds
 
 Each domain module exposes ``register(subparsers)``; each subcommand sets ``func(args)``.
-User-fixable problems are ``UnbackdoorError``s, printed without a traceback (``--debug`` shows it).
+User-fixable problems are ``UnbackdoorError``s, printed without a traceback (exit code 2);
+anything else is a bug, reported in one line with a hint to rerun with ``--debug``.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
+import os
 import sys
+import warnings
 
+from . import __version__
 from .core.errors import UnbackdoorError
 from .core.progress import set_quiet
 
-# modules that contribute subcommands, in the order of the data flow
-_COMMAND_MODULES = ("unbackdoor.lm.cli", "unbackdoor.classify.cli", "unbackdoor.report", "unbackdoor.sweep",
-                    "unbackdoor.demo")
+# command -> (module with register(subparsers), one-line help), in the order of the data flow.
+# Only the module of the command being run is imported, so `unbackdoor report` does not pay for
+# importing transformers; `unbackdoor --help` lists all of them from these lines.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "lm": ("unbackdoor.lm.cli", "generative LMs: tiny world, poison, attack, defend (CROW, finetune), evaluate"),
+    "classify": ("unbackdoor.classify.cli", "classifiers: tiny world, poison, attack, defend (ULRL, FT, FP, NAD), "
+                                            "evaluate"),
+    "report": ("unbackdoor.report", "run folders -> HTML + Markdown report with plots"),
+    "sweep": ("unbackdoor.sweep", "run a tiny-world pipeline over seeds/attacks and aggregate"),
+    "demo": ("unbackdoor.demo", "the end-to-end demo on the tiny worlds (CPU, a few minutes)"),
+}
+_COMMAND_MODULES = tuple(m for m, _ in COMMANDS.values())
+
+EXIT_USER_ERROR = 2
+EXIT_BUG = 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser that runs a command (so ``--debug`` also works after the subcommand)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]  # noqa: SLF001
+    if not subs:
+        return [parser]
+    out = []
+    for action in subs:
+        for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+            out += _leaf_parsers(child)
+    return out
+
+
+def _add_global_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # below the top level the defaults are SUPPRESS, so a flag given before the subcommand is kept
+    default = False if top else argparse.SUPPRESS
+    for flag, text in (("--debug", "show full tracebacks on errors"),
+                       ("--quiet", "no progress bars and fewer log lines")):
+        try:
+            parser.add_argument(flag, action="store_true", default=default, help=text)
+        except argparse.ArgumentError:
+            pass  # the subcommand defines it itself
+
+
+def _module_available(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # the parent package is missing
+        return False
+
+
+def build_parser(*, debug: bool = False, only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or (``only``) one with just that command's module imported and the others listed."""
     parser = argparse.ArgumentParser(
         prog="unbackdoor",
         description="Remove backdoors from trained models with a small clean dataset, and measure it.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Examples:\n  unbackdoor demo --out runs/demo\n  unbackdoor lm defend --help\n"
-               "  unbackdoor classify defend --help\n  unbackdoor report runs/demo --out runs/demo/report",
+        epilog="examples:\n  unbackdoor demo --out runs/demo\n  unbackdoor lm defend --help\n"
+               "  unbackdoor classify defend --help\n  unbackdoor sweep --kind lm --seeds 0 1 2 --out runs/sweep\n"
+               "  unbackdoor report runs/demo --out runs/demo/report",
     )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--version", action="version", version=f"unbackdoor {__version__}")
+    _add_global_flags(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _COMMAND_MODULES:
+    for command, (name, text) in COMMANDS.items():
+        if only is not None and command != only:
+            if _module_available(name):
+                sub.add_parser(command, help=text, add_help=False)  # listed; imported only when run
+            continue
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
             if e.name == name:
-                continue  # not built yet
-            raise
+                continue  # this part of the toolkit is not installed
+            if debug:
+                raise
+            print(f"warning: the commands of {name} are unavailable ({type(e).__name__}: {e}); "
+                  "rerun with --debug for the traceback", file=sys.stderr)
+            continue
+        except Exception as e:  # a broken plug-in must not take the other commands down with it
+            if debug:
+                raise
+            print(f"warning: the commands of {name} are unavailable ({type(e).__name__}: {e}); "
+                  "rerun with --debug for the traceback", file=sys.stderr)
+            continue
         mod.register(sub)
+    for leaf in _leaf_parsers(parser):
+        if leaf is not parser:
+            _add_global_flags(leaf, top=False)
     return parser
 
 
+def _log_to_stderr(level: int) -> None:
+    """Log lines on stderr at ``level``; the handler filters, so run folders' log.txt still gets INFO."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(min(root.level or logging.WARNING, level))
+
+
+def _command_in(argv: list[str]) -> str:
+    """The subcommand named on the command line ('' when none: then only the top-level help is needed)."""
+    for a in argv:
+        if not a.startswith("-"):
+            return a
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command_in(argv)
+    parser = build_parser(debug="--debug" in argv, only=command if command in COMMANDS else "")
     args = parser.parse_args(argv)
     if args.quiet:
         set_quiet(True)
-    logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING,
-                        format="%(levelname)s %(message)s", stream=sys.stderr)
+        os.environ["UNBACKDOOR_QUIET"] = "1"  # child processes too
+    _log_to_stderr(logging.WARNING if args.quiet else logging.INFO)
+    if not args.debug:  # libraries' deprecation notices are for developers, not for users of the command
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_USER_ERROR
     try:
         rc = args.func(args)
         return int(rc or 0)
@@ -63,10 +153,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {e.format()}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted: completed outputs are kept; rerun with --resume to continue", file=sys.stderr)
+        print("interrupted: completed outputs are kept; rerun the same command to continue", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not a user error: one line, the traceback on request
+        if args.debug:
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"error: unexpected {type(e).__name__}: {first}\n"
+              "  this is probably a bug in unbackdoor; rerun with --debug for the traceback and report it",
+              file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":  # pragma: no cover

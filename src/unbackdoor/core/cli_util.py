@@ -56,7 +56,8 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, *, skip: tupl
         kw: dict[str, Any] = {}
         if get_origin(tp) is Literal:
             kw["choices"] = list(get_args(tp))
-        group.add_argument(flag, dest=_PREFIX + f.name, type=conv, default=None, help=help_text, **kw)
+        group.add_argument(flag, dest=_PREFIX + f.name, type=conv, default=None, help=help_text,
+                           metavar=None if "choices" in kw else f.name.upper(), **kw)
 
 
 def config_from_args(cls: type, args: argparse.Namespace, base: dict[str, Any] | None = None):

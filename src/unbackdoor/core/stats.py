@@ -28,7 +28,8 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for k in keys:
         vals = [r.get(k) for r in records]
         m, s = mean_std(v for v in vals if isinstance(v, (int, float)))
-        out[k] = {"mean": m, "std": s, "n": sum(isinstance(v, (int, float)) for v in vals), "values": vals}
+        n = sum(isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)) for v in vals)
+        out[k] = {"mean": m, "std": s, "n": n, "values": vals}
     return out
 
 
