@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""Efficacy of ULRL (and FT, FP, NAD) on the classifier tiny world, over several seeds.
+
+For each seed and attack: the backdoored model (shipped checkpoint for seed 0, else trained and
+cached), ONE class-stratified clean subset of 500 images, every defense on it, one run folder per
+(attack, defense, seed). Then the aggregate (mean, std, values per seed) goes to
+``results/classify/efficacy.json`` and the table in ``docs/results-classify.md`` is regenerated
+between its markers.
+
+    python scripts/efficacy_classify.py --seeds 0 1 2                 # everything (CPU: ~10 min per seed)
+    python scripts/efficacy_classify.py --seeds 1 --defenses ulrl     # a part (run folders are reused)
+    python scripts/efficacy_classify.py --aggregate-only --seeds 0 1 2
+    python scripts/efficacy_classify.py --make-assets                 # re-train the shipped seed-0 checkpoints
+
+Run folders go to ``--out`` (default ``runs/efficacy-classify``); an existing complete run folder
+(with ``metrics.json``) is kept unless ``--force``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+from unbackdoor.classify.attacks import AttackConfig, build_attack  # noqa: E402
+from unbackdoor.classify.data import stratified_subset  # noqa: E402
+from unbackdoor.classify.pipeline import (TINY, _defense_spec, evaluate_attack, format_table, make_config,  # noqa: E402
+                                          run_defense, tiny_asset_dir, tiny_backdoored, tiny_world,
+                                          train_tiny_backdoored)
+from unbackdoor.core.config import to_dict  # noqa: E402
+from unbackdoor.core.runs import atomic_write_json, atomic_write_text, environment, read_json  # noqa: E402
+from unbackdoor.core.stats import aggregate, fmt_mean_std  # noqa: E402
+
+DEFAULT_DEFENSES = ("ft", "fp", "nad", "ulrl", "ulrl-kept")
+METRICS = ("acc", "asr", "ra", "target_recall", "der")
+
+
+def run(seeds: list[int], attacks: list[str], defenses: list[str], out: Path, cache: Path, force: bool) -> None:
+    for seed in seeds:
+        train, test = tiny_world(seed)
+        clean_idx = stratified_subset(train, TINY.clean_count, seed)
+        clean = train.subset(clean_idx, name=f"{train.name}-clean")
+        for attack_name in attacks:
+            t0 = time.perf_counter()
+            model, folder = tiny_backdoored(attack_name, seed, cache, data=(train, test))
+            meta = read_json(folder / "model.json")
+            fields = {f.name for f in dataclasses.fields(AttackConfig)}
+            attack = AttackConfig(**{k: v for k, v in meta["attack"].items() if k in fields})
+            triggered = build_attack(attack).triggered_test_set(test)
+            before = evaluate_attack(model, test, attack, triggered)
+            print(f"seed {seed} {attack_name}: backdoored model ready in {time.perf_counter() - t0:.0f}s "
+                  f"(acc {before['acc']:.3f}, asr {before['asr']:.3f})", flush=True)
+            for name in defenses:
+                path = out / attack_name / name / f"seed{seed}"
+                if (path / "metrics.json").is_file() and not force:
+                    continue
+                method, cfg = _defense_spec(name, None)
+                cfg = make_config(method, cfg)
+                _, metrics = run_defense(path, model, clean, clean_idx.tolist(), method, cfg, test=test, attack=attack,
+                                         seed=seed, defense_name=name, before=before, triggered=triggered,
+                                         model_meta=meta)
+                print(format_table([metrics]).splitlines()[-1], flush=True)
+
+
+def collect(seeds: list[int], attacks: list[str], defenses: list[str], out: Path) -> dict:
+    """Read the run folders back: per (attack, defense) the per-seed records and their aggregate."""
+    result: dict = {"settings": {}, "attacks": {}}
+    for attack in attacks:
+        per_defense: dict = {}
+        backdoored = []
+        for name in defenses:
+            records, selections = [], []
+            for seed in seeds:
+                path = out / attack / name / f"seed{seed}"
+                if not (path / "metrics.json").is_file():
+                    continue
+                m = read_json(path / "metrics.json")
+                rec = {k: m["after"][k] for k in METRICS}
+                rec["seed"] = seed
+                rec["seconds"] = m["seconds"]
+                records.append(rec)
+                if all(b["seed"] != seed for b in backdoored):  # the same backdoored model for every defense
+                    backdoored.append({"seed": seed, **{k: m["before"][k] for k in METRICS if k in m["before"]}})
+                if (path / "ulrl_selection.json").is_file():
+                    sel = read_json(path / "ulrl_selection.json")
+                    selections.append({"seed": seed, "selected": sel["selected"], "status": sel["status"],
+                                       "target_in_selected": 0 in sel["selected"],
+                                       "z_target": sel["z"][0], "z_max_other": max(z for i, z in enumerate(sel["z"]) if i != 0)})
+                    rec["target_in_selected"] = 0 in sel["selected"]
+                result["settings"].setdefault("configs", {})[name] = read_json(path / "config.json")["config"]
+            if records:
+                per_defense[name] = {"seeds": [r["seed"] for r in records], "per_seed": records,
+                                     "aggregate": aggregate([{k: r[k] for k in (*METRICS, "seconds")} for r in records])}
+                if selections:
+                    per_defense[name]["selection"] = selections
+        result["attacks"][attack] = {"backdoored": {"per_seed": backdoored,
+                                                    "aggregate": aggregate([{k: v for k, v in b.items() if k != "seed"}
+                                                                            for b in backdoored])},
+                                     "defenses": per_defense}
+    result["settings"].update({
+        "tiny_world": to_dict(TINY), "attack_defaults": "all-to-one, target 0, 10% poisoned (BackdoorBench)",
+        "clean_subset": f"{TINY.clean_count} class-stratified training images per seed, shared by every defense",
+        "seeds": seeds, "environment": environment(None),
+        "command": "python scripts/efficacy_classify.py " + " ".join(sys.argv[1:]),
+        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+    return result
+
+
+def markdown(result: dict) -> str:
+    lines = []
+    for attack, block in result["attacks"].items():
+        seeds = block["backdoored"]["aggregate"].get("acc", {}).get("n", 0)
+        lines.append(f"#### {attack} (mean ± std over {seeds} seeds)\n")
+        lines.append("| model | ACC | ASR | RA | target recall | DER | seconds | target selected |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        agg = block["backdoored"]["aggregate"]
+        cell = lambda a, k: fmt_mean_std(a[k]["mean"], a[k]["std"]) if k in a else "n/a"  # noqa: E731
+        lines.append(f"| backdoored | {cell(agg, 'acc')} | {cell(agg, 'asr')} | {cell(agg, 'ra')} | "
+                     f"{cell(agg, 'target_recall')} | | | |")
+        for name, d in block["defenses"].items():
+            a = d["aggregate"]
+            sel = d.get("selection")
+            hit = f"{sum(s['target_in_selected'] for s in sel)}/{len(sel)}" if sel else ""
+            lines.append(f"| {name} | {cell(a, 'acc')} | {cell(a, 'asr')} | {cell(a, 'ra')} | "
+                         f"{cell(a, 'target_recall')} | {cell(a, 'der')} | {a['seconds']['mean']:.0f} | {hit} |")
+        lines.append("")
+        lines.append("Per seed (ACC / ASR / target recall):\n")
+        for name, d in block["defenses"].items():
+            per = "; ".join(f"seed {r['seed']}: {r['acc']:.3f} / {r['asr']:.3f} / {r['target_recall']:.3f}"
+                            for r in d["per_seed"])
+            lines.append(f"- {name}: {per}")
+        bd = "; ".join(f"seed {b['seed']}: {b['acc']:.3f} / {b['asr']:.3f} / {b['target_recall']:.3f}"
+                       for b in block["backdoored"]["per_seed"])
+        lines.append(f"- backdoored: {bd}")
+        for name, d in block["defenses"].items():
+            for s in d.get("selection", []):
+                lines.append(f"- {name} seed {s['seed']}: selected {s['selected']} ({s['status']}), "
+                             f"z(target) = {s['z_target']:.1f}, largest other z = {s['z_max_other']:.1f}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_docs(result: dict, path: Path) -> None:
+    begin, end = "<!-- efficacy:begin -->", "<!-- efficacy:end -->"
+    text = path.read_text() if path.is_file() else f"# Classifier results\n\n{begin}\n{end}\n"
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    body = (f"{begin}\n_Generated by `{result['settings']['command']}` on {result['settings']['date_utc']}; "
+            f"raw numbers in `results/classify/efficacy.json`._\n\n{markdown(result)}{end}")
+    atomic_write_text(path, head + body + tail)
+
+
+def make_assets(attacks: list[str]) -> None:
+    for attack in attacks:
+        folder = tiny_asset_dir(attack, 0)
+        t0 = time.perf_counter()
+        train_tiny_backdoored(attack, 0, folder)
+        print(f"{folder}: {time.perf_counter() - t0:.0f}s")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--attacks", nargs="+", default=["badnets", "blended"])
+    p.add_argument("--defenses", nargs="+", default=list(DEFAULT_DEFENSES))
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "efficacy-classify")
+    p.add_argument("--cache-dir", type=Path, default=ROOT / "runs" / "classify-models")
+    p.add_argument("--results", type=Path, default=ROOT / "results" / "classify" / "efficacy.json")
+    p.add_argument("--docs", type=Path, default=ROOT / "docs" / "results-classify.md")
+    p.add_argument("--aggregate-only", action="store_true", help="only read the run folders and write the results")
+    p.add_argument("--force", action="store_true", help="re-run defenses whose run folder is complete")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
+    p.add_argument("--make-assets", action="store_true", help="re-train the shipped seed-0 checkpoints and exit")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    logging.basicConfig(level=logging.WARNING)
+    if a.make_assets:
+        make_assets(a.attacks)
+        return 0
+    if not a.aggregate_only:
+        run(a.seeds, a.attacks, a.defenses, a.out, a.cache_dir, a.force)
+    result = collect(a.seeds, a.attacks, a.defenses, a.out)
+    atomic_write_json(a.results, result)
+    write_docs(result, a.docs)
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
