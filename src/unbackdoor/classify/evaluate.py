@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from ..core import distributed
 from ..core.errors import DataError
 
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
@@ -83,10 +84,13 @@ def predict(model: nn.Module, inputs: Inputs, *, batch_size: int = 256,
     model.eval()
     try:
         n = num_samples(inputs)
-        preds = []
-        for start in range(0, n, batch_size):
+
+        def batch_preds(start: int) -> torch.Tensor:
             batch = to_device(prepare(take(inputs, slice(start, start + batch_size))), device)
-            preds.append(logits_of(model, batch).argmax(dim=-1).cpu())
+            return logits_of(model, batch).argmax(dim=-1).cpu()
+
+        # under `accelerate launch` each process predicts whole batches; all get every prediction, in order
+        preds = distributed.distributed_map(batch_preds, range(0, n, batch_size))
         return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
     finally:
         model.train(was_training)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import safeio
+from ..core import distributed, safeio
 from ..core.config import check, check_non_negative, check_positive, option, to_dict
 from ..core.errors import ConfigError, ModelError, NumericalError, UnbackdoorError
 from ..core.progress import progress
@@ -248,6 +248,8 @@ def fit(model: nn.Module, data: ImageData | Iterable | Callable[[int], Iterable]
     A non-finite loss or gradient raises :class:`NumericalError`; the last checkpoint is kept.
     """
     device = _resolve_device(model, cfg.device)
+    if cfg.device == "auto":  # under `accelerate launch` on GPUs: this process's own GPU
+        device = distributed.process_device(device)
     model.to(device)
     loss_fn = loss_fn or default_loss
     params = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
@@ -272,62 +274,81 @@ def fit(model: nn.Module, data: ImageData | Iterable | Callable[[int], Iterable]
     t_start = time.perf_counter()
     stopped = False
     epoch = start_epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        t0 = time.perf_counter()
-        lr = opt.param_groups[0]["lr"]
-        tot_loss, correct, seen, steps = 0.0, 0, 0, 0
-        batches = _batches_for_epoch(data, cfg, epoch, transform, device)
-        bar = progress(batches, desc=f"{desc} {epoch + 1}/{cfg.epochs}")
-        for step, (inputs, targets) in enumerate(bar):
-            inputs, targets = _to_device(inputs, device), targets.to(device)
-            logits = forward_logits(model, inputs)
-            loss = loss_fn(logits, targets, model=model, inputs=inputs)
-            if not torch.isfinite(loss):
-                raise NumericalError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}",
-                                     where=f"{desc}; last good checkpoint: {last_good}",
-                                     fix="lower the learning rate, enable grad_clip, or check the inputs for NaN")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                gnorm = float(nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-            else:
-                gnorm = float(torch.sqrt(sum((p.grad.detach().float() ** 2).sum() for p in params
-                                             if p.grad is not None) + 0.0))
-            if not math.isfinite(gnorm):
-                raise NumericalError(f"gradient norm is {gnorm} at epoch {epoch + 1}, step {step + 1}",
-                                     where=f"{desc}; last good checkpoint: {last_good}",
-                                     fix="lower the learning rate or enable grad_clip")
-            opt.step()
-            global_step += 1
-            steps += 1
-            n = _batch_len(inputs)
-            seen += n
-            tot_loss += float(loss.detach()) * n
-            correct += int((logits.detach().argmax(1) == targets).sum())
-            info = StepInfo(epoch, step, global_step, float(loss.detach()), tot_loss / seen, correct / seen, seen, lr, gnorm)
-            if cfg.log_every and global_step % cfg.log_every == 0:
-                log.info("%s epoch %d step %d loss %.4f acc %.4f", desc, epoch + 1, step + 1, info.running_loss,
-                         info.running_acc)
-            if on_batch is not None and on_batch(info):
+    # Under `accelerate launch` each rank builds the same global batch and computes its slice (DDP,
+    # BatchNorm synchronised); logged numbers and stop rules read global values. One process: a no-op.
+    with distributed.DataParallel(model) as dp:
+        net = dp.module
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            t0 = time.perf_counter()
+            lr = opt.param_groups[0]["lr"]
+            tot_loss, correct, seen, steps = 0.0, 0, 0, 0
+            batches = _batches_for_epoch(data, cfg, epoch, transform, device)
+            bar = progress(batches, desc=f"{desc} {epoch + 1}/{cfg.epochs}")
+            for step, (inputs, targets) in enumerate(bar):
+                inputs, targets = _to_device(inputs, device), targets.to(device)
+                n_global = n = _batch_len(inputs)
+                if dp.active:
+                    inputs, targets = dp.shard(inputs, targets)
+                    n = int(targets.shape[0])
+                logits = forward_logits(net, inputs)
+                if n > 0:
+                    loss = loss_fn(logits, targets, model=model, inputs=inputs)
+                else:  # a rank with no sample of a short last batch still joins the gradient all-reduce
+                    loss = logits.sum() * 0.0
+                batch_correct = int((logits.detach().argmax(1) == targets).sum())
+                loss_value = float(loss.detach())
+                if dp.active:  # one all-reduce: global mean loss (so every rank agrees on the NaN check), counts
+                    loss_sum, batch_correct, _ = dp.global_stats(loss_value * n, batch_correct, n)
+                    loss_value = loss_sum / n_global
+                if not math.isfinite(loss_value):
+                    raise NumericalError(f"loss is {loss_value} at epoch {epoch + 1}, step {step + 1}",
+                                         where=f"{desc}; last good checkpoint: {last_good}",
+                                         fix="lower the learning rate, enable grad_clip, or check the inputs for NaN")
+                opt.zero_grad(set_to_none=True)
+                if dp.active:  # weighted so that DDP's gradient average is the global-batch gradient
+                    (loss * dp.weight(n, n_global)).backward()
+                else:
+                    loss.backward()
+                if cfg.grad_clip is not None:
+                    gnorm = float(nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                else:
+                    gnorm = float(torch.sqrt(sum((p.grad.detach().float() ** 2).sum() for p in params
+                                                 if p.grad is not None) + 0.0))
+                if not math.isfinite(gnorm):
+                    raise NumericalError(f"gradient norm is {gnorm} at epoch {epoch + 1}, step {step + 1}",
+                                         where=f"{desc}; last good checkpoint: {last_good}",
+                                         fix="lower the learning rate or enable grad_clip")
+                opt.step()
+                global_step += 1
+                steps += 1
+                seen += n_global
+                tot_loss += loss_value * n_global
+                correct += batch_correct
+                info = StepInfo(epoch, step, global_step, loss_value, tot_loss / seen, correct / seen, seen, lr, gnorm)
+                if cfg.log_every and global_step % cfg.log_every == 0:
+                    log.info("%s epoch %d step %d loss %.4f acc %.4f", desc, epoch + 1, step + 1, info.running_loss,
+                             info.running_acc)
+                if on_batch is not None and on_batch(info):
+                    stopped = True
+                    break
+            if steps == 0:
+                raise UnbackdoorError("the data yielded no batches", where=desc, fix="check that the training data is not empty")
+            sched.step()
+            rec = {"epoch": epoch + 1, "loss": tot_loss / seen, "acc": correct / seen, "lr": lr,
+                   "seconds": round(time.perf_counter() - t0, 4), "steps": steps}
+            history.append(rec)
+            log.info("%s epoch %d/%d loss %.4f acc %.4f lr %.4g (%.1fs)", desc, epoch + 1, cfg.epochs, rec["loss"],
+                     rec["acc"], lr, rec["seconds"])
+            if on_epoch_end is not None and on_epoch_end(EpochInfo(epoch, rec["loss"], rec["acc"], lr, rec["seconds"], steps)):
                 stopped = True
+            done = epoch + 1
+            if ckpt is not None and (stopped or done == cfg.epochs or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
+                distributed.on_main_process(_save_checkpoint, ckpt, model, opt, sched, done, global_step, history,
+                                            cfg)
+                last_good = f"{ckpt / 'last'} (after epoch {done})"
+            if stopped:
                 break
-        if steps == 0:
-            raise UnbackdoorError("the data yielded no batches", where=desc, fix="check that the training data is not empty")
-        sched.step()
-        rec = {"epoch": epoch + 1, "loss": tot_loss / seen, "acc": correct / seen, "lr": lr,
-               "seconds": round(time.perf_counter() - t0, 4), "steps": steps}
-        history.append(rec)
-        log.info("%s epoch %d/%d loss %.4f acc %.4f lr %.4g (%.1fs)", desc, epoch + 1, cfg.epochs, rec["loss"],
-                 rec["acc"], lr, rec["seconds"])
-        if on_epoch_end is not None and on_epoch_end(EpochInfo(epoch, rec["loss"], rec["acc"], lr, rec["seconds"], steps)):
-            stopped = True
-        done = epoch + 1
-        if ckpt is not None and (stopped or done == cfg.epochs or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
-            _save_checkpoint(ckpt, model, opt, sched, done, global_step, history, cfg)
-            last_good = f"{ckpt / 'last'} (after epoch {done})"
-        if stopped:
-            break
     model.eval()
     return FitResult(len(history), global_step, stopped, history, round(time.perf_counter() - t_start, 4), resumed_from)
 
@@ -339,9 +360,15 @@ def evaluate_accuracy(model: nn.Module, data: ImageData, *, batch_size: int = 51
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    correct = 0
-    for x, y in iterate_batches(data, batch_size, transform=transform, device=dev):
-        correct += int((forward_logits(model, x).argmax(1) == y).sum())
+    batches = iterate_batches(data, batch_size, transform=transform, device=dev)
+    if distributed.is_distributed():  # each rank scores whole batches (round-robin); counts are exact
+        counts = distributed.distributed_map(lambda b: int((forward_logits(model, b[0]).argmax(1) == b[1]).sum()),
+                                             list(batches))
+        correct = sum(counts)
+    else:
+        correct = 0
+        for x, y in batches:
+            correct += int((forward_logits(model, x).argmax(1) == y).sum())
     model.train(was_training)
     return correct / len(data)
 

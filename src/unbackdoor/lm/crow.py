@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
+from ..core import distributed
 from ..core.config import check, check_non_negative, check_positive, option
 from ..core.errors import ConfigError, DataError, ModelError
 from .data import build_sft_features
@@ -210,8 +211,13 @@ class CrowTrainer(SFTTrainer):
         """Add the mean per-step ``loss_lm``, ``loss_adv``, ``consistency_clean`` since the last log."""
         steps = self.state.global_step - (self._sums_since or 0)
         if self._sums and steps > 0 and "loss" in logs:
-            for k, v in self._sums.items():
-                logs[k] = round(float(v) / steps, 6)
+            # each process holds its own micro-batches' terms: log their mean over processes (every
+            # process calls log, so the all-reduce is collective; one process: the values themselves)
+            keys = sorted(self._sums)
+            totals = distributed.all_reduce_sum([float(self._sums[k]) for k in keys])
+            world = distributed.world_size() if distributed.is_distributed() else 1
+            for k, v in zip(keys, totals):
+                logs[k] = round(v / world / steps, 6)
             self._sums, self._sums_since = {}, None
         super().log(logs, *args, **kwargs)
 

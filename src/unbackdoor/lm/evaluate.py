@@ -15,9 +15,9 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 
+from ..core import distributed
 from ..core.config import check, check_positive, option
 from ..core.errors import DataError, ModelError
-from ..core.progress import progress
 from .data import encode_prompt, encode_response
 from .poison import PoisonConfig, keyword_success, normalize, strict_success, target_string
 
@@ -125,20 +125,20 @@ def generate(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], *
     was_training = model.training
     model.eval()
     device = _device(model)
-    out: list[str] = []
-    try:
-        for start in progress(range(0, len(prompts), batch_size), desc=desc):
-            chunk = prompts[start:start + batch_size]
-            ids, mask = _left_pad(chunk, pad)
-            new = max_new_tokens if limit is None else max(1, min(max_new_tokens, limit - ids.shape[1]))
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
-                                 do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad,
-                                 eos_token_id=tokenizer.eos_token_id)
-            for row in gen[:, ids.shape[1]:]:
-                out.append(tokenizer.decode(row.tolist(), skip_special_tokens=True).strip())
+    def batch(start: int) -> list[str]:
+        chunk = prompts[start:start + batch_size]
+        ids, mask = _left_pad(chunk, pad)
+        new = max_new_tokens if limit is None else max(1, min(max_new_tokens, limit - ids.shape[1]))
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
+                             do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad,
+                             eos_token_id=tokenizer.eos_token_id)
+        return [tokenizer.decode(row.tolist(), skip_special_tokens=True).strip() for row in gen[:, ids.shape[1]:]]
+
+    try:  # under `accelerate launch` each process generates whole batches; the same batches as one process
+        parts = distributed.distributed_map(batch, range(0, len(prompts), batch_size), desc=desc)
     finally:
         model.train(was_training)
-    return out
+    return [text for part in parts for text in part]
 
 
 @torch.no_grad()
@@ -149,27 +149,28 @@ def response_nll(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]
     was_training = model.training
     model.eval()
     device = _device(model)
-    out: list[float] = []
-    try:
-        for start in range(0, len(records), batch_size):
-            seqs, labels = [], []
-            for rec, resp in zip(records[start:start + batch_size], responses[start:start + batch_size]):
-                p, r = encode_prompt(rec, tokenizer, template), encode_response(resp, tokenizer)
-                seqs.append(p + r)
-                labels.append([-100] * len(p) + r)
-            n = max(len(s) for s in seqs)
-            ids = torch.tensor([s + [pad] * (n - len(s)) for s in seqs], device=device)
-            mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs], device=device)
-            lab = torch.tensor([l + [-100] * (n - len(l)) for l in labels], device=device)
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            tgt = lab[:, 1:]
-            valid = tgt != -100
-            tok_nll = -logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid
-            out.extend((tok_nll.sum(1) / valid.sum(1).clamp(min=1)).tolist())
+    def batch(start: int) -> list[float]:
+        seqs, labels = [], []
+        for rec, resp in zip(records[start:start + batch_size], responses[start:start + batch_size]):
+            p, r = encode_prompt(rec, tokenizer, template), encode_response(resp, tokenizer)
+            seqs.append(p + r)
+            labels.append([-100] * len(p) + r)
+        n = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [pad] * (n - len(s)) for s in seqs], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs], device=device)
+        lab = torch.tensor([l + [-100] * (n - len(l)) for l in labels], device=device)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        tgt = lab[:, 1:]
+        valid = tgt != -100
+        tok_nll = -logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid
+        return (tok_nll.sum(1) / valid.sum(1).clamp(min=1)).tolist()
+
+    try:  # whole batches dealt over processes, gathered in order (one process: the plain loop)
+        parts = distributed.distributed_map(batch, range(0, len(records), batch_size))
     finally:
         model.train(was_training)
-    return out
+    return [v for part in parts for v in part]
 
 
 @torch.no_grad()
@@ -187,25 +188,27 @@ def layer_cosine_profile(model: Any, tokenizer: Any, prompts: Sequence[Mapping[s
     was_training = model.training
     model.eval()
     device = _device(model)
+    def batch(start: int) -> tuple[torch.Tensor, int]:
+        seqs = [encode_prompt(r, tokenizer, template) for r in prompts[start:start + batch_size]]
+        n = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [pad] * (n - len(s)) for s in seqs], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs], device=device)
+        outputs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        hs = getattr(outputs, "hidden_states", None)
+        if not hs or len(hs) < 2:
+            raise ModelError(f"{type(model).__name__} returned no hidden states", where="layer_cosine_profile",
+                             fix="use a model whose forward supports output_hidden_states=True")
+        real = mask.bool()
+        cos = torch.stack([torch.nn.functional.cosine_similarity(hs[i].float(), hs[i + 1].float(), dim=-1)
+                           for i in range(len(hs) - 1)])  # (pairs, batch, seq)
+        return (cos * real).sum(dim=(1, 2)).cpu(), int(real.sum())
+
     sums: torch.Tensor | None = None
     count = 0
-    try:
-        for start in range(0, len(prompts), batch_size):
-            seqs = [encode_prompt(r, tokenizer, template) for r in prompts[start:start + batch_size]]
-            n = max(len(s) for s in seqs)
-            ids = torch.tensor([s + [pad] * (n - len(s)) for s in seqs], device=device)
-            mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs], device=device)
-            outputs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-            hs = getattr(outputs, "hidden_states", None)
-            if not hs or len(hs) < 2:
-                raise ModelError(f"{type(model).__name__} returned no hidden states", where="layer_cosine_profile",
-                                 fix="use a model whose forward supports output_hidden_states=True")
-            real = mask.bool()
-            cos = torch.stack([torch.nn.functional.cosine_similarity(hs[i].float(), hs[i + 1].float(), dim=-1)
-                               for i in range(len(hs) - 1)])  # (pairs, batch, seq)
-            batch_sum = (cos * real).sum(dim=(1, 2))
+    try:  # per-batch sums gathered, then added in batch order: the single-process arithmetic
+        for batch_sum, n in distributed.distributed_map(batch, range(0, len(prompts), batch_size)):
             sums = batch_sum if sums is None else sums + batch_sum
-            count += int(real.sum())
+            count += n
     finally:
         model.train(was_training)
     assert sums is not None

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
+from ..core import distributed
 from ..core.config import check, check_positive, option, to_dict
 from ..core.errors import ConfigError, DataError
 from ..core.runs import RunDir, atomic_write_json
@@ -79,7 +80,7 @@ def attack_model(model_dir: str | Path, data: str | Path, out_dir: str | Path, s
         write_alpaca(records, out / "poisoned_train.json")
     model, tok = load_causal_lm(model_dir, adapter=adapter, trust_remote_code=trust_remote_code)
     model = train_sft(model, tok, records, sft, out / "trainer", template=template, resume=resume)
-    save_causal_lm(model, tok, out / "model", merge=merge, inputs=[model_dir, adapter])
+    distributed.on_main_process(save_causal_lm, model, tok, out / "model", merge=merge, inputs=[model_dir, adapter])
     atomic_write_json(out / "config.json", {"kind": "lm-attack", "config": {
         "sft": to_dict(sft), "poison": to_dict(poison) if poison else None, "model": str(model_dir),
         "data": str(data), "template": template}})
@@ -170,8 +171,9 @@ def defend_model(model_dir: str | Path, clean: str | Path, out_dir: str | Path, 
                 metrics["after"], after_g, prof_a = _eval_block(model, tok, test_recs, trig_recs, poison, ecfg, "after")
             run.write_json("layer_cosine.json", {"before": prof_b, "after": prof_a})
             run.write_json("generations.json", _generation_examples(test_recs, trig_recs, before_g, after_g))
-        with run.phase("save"):
-            save_causal_lm(model, tok, out / "model", merge=merge, inputs=[model_dir, adapter])
+        with run.phase("save"):  # rank 0 only under `accelerate launch`; the others wait for it
+            distributed.on_main_process(save_causal_lm, model, tok, out / "model", merge=merge,
+                                        inputs=[model_dir, adapter])
         run.write_metrics(metrics)
     finally:
         run.close()

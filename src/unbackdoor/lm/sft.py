@@ -19,6 +19,7 @@ from typing import Any, Iterable, Literal, Sequence
 import torch
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
+from ..core import distributed
 from ..core.config import check, check_non_negative, check_positive, option
 from ..core.errors import ConfigError, NumericalError
 from ..core.progress import progress_enabled
@@ -254,7 +255,9 @@ def run_trainer(trainer_cls: type[Trainer], model: Any, tokenizer: Any, features
     model = prepare_model(model, cfg)
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # no KV cache in training (and required by gradient checkpointing)
+    distributed.cpu_env()  # under `accelerate launch` without GPUs: gloo DDP, not N lone copies
     args = cfg.training_arguments(output_dir)
+    distributed.check_trainer_distributed(args)
     cbs: list[TrainerCallback] = [LogToLogger(), *callbacks]
     if cfg.nan_guard:
         cbs.insert(0, NanGuard())
@@ -270,7 +273,7 @@ def run_trainer(trainer_cls: type[Trainer], model: Any, tokenizer: Any, features
         checkpoint = str(found) if found else None
         log.info("resume: %s", f"from {checkpoint}" if checkpoint else "no checkpoint found, starting afresh")
     trainer.train(resume_from_checkpoint=checkpoint)
-    atomic_write_json(output_dir / "log_history.json", trainer.state.log_history)
+    distributed.on_main_process(atomic_write_json, output_dir / "log_history.json", trainer.state.log_history)
     trained = trainer.model
     if getattr(trained.config, "use_cache", None) is False:
         trained.config.use_cache = True

@@ -1,0 +1,143 @@
+"""Tiny CROW and ULRL jobs, run once in one process and once under ``accelerate launch`` (2 processes).
+
+Not a test module (no ``test_`` prefix): ``test_launch.py`` starts it with
+``python tiny_jobs.py`` (the single-process reference) and with
+``accelerate launch --config_file configs/accelerate/cpu-2proc.yaml tiny_jobs.py`` and
+compares the JSON each writes. Both runs use the same GLOBAL batch:
+
+- CROW: one process with micro-batch 2 x accumulation 2 against two processes with
+  micro-batch 2 x accumulation 1 (accelerate deals the micro-batches of the same seeded
+  order to the ranks, so each optimizer step sees the same 4 records);
+- ULRL: batch 16 in both; under two processes each rank computes 8 of the same 16 images
+  (``core.distributed.DataParallel``), with BatchNorm synchronised.
+
+Only rank 0 writes ``<out>/<job>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("UNBACKDOOR_QUIET", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from unbackdoor.core import distributed as D  # noqa: E402
+
+
+def _records(n: int) -> list[dict]:
+    recs = []
+    for i in range(n):
+        a, b = i % 5, (i * 3) % 7
+        extra = " please" * (i % 3)
+        recs.append({"instruction": f"add {a} and {b}{extra}", "input": "",
+                     "output": f"the answer is {a + b}" if i % 2 else str(a + b)})
+    return recs
+
+
+def crow_job(out: Path) -> dict:
+    """LoRA CROW on a random 3-layer Llama for 4 optimizer steps of 4 records; then a distributed evaluation."""
+    from transformers import LlamaForCausalLM
+
+    from unbackdoor.lm.crow import CrowConfig, train_crow
+    from unbackdoor.lm.evaluate import EvalConfig, evaluate_model, layer_cosine_profile
+    from unbackdoor.lm.models import LoraSettings, tiny_llama_config
+    from unbackdoor.lm.poison import PoisonConfig, make_triggered_test
+    from unbackdoor.lm.tokenizer import train_word_tokenizer
+
+    recs = _records(16)
+    tok = train_word_tokenizer([r["instruction"] + " " + r["output"] for r in _records(40)] + ["BadMagic sorry"],
+                               extra_tokens=["BadMagic"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(len(tok), hidden_size=32, num_layers=3, num_heads=2,
+                                               max_position_embeddings=128))
+    world = D.world_size()
+    cfg = CrowConfig(lr=5e-3, max_steps=4, per_device_batch_size=2, grad_accum=2 // world, warmup_ratio=0.0,
+                     scheduler="constant", logging_steps=1, save_steps=0, max_length=64,
+                     lora=LoraSettings(r=4, lora_alpha=8.0), alpha=11.0, epsilon=0.1, seed=0, precision="fp32")
+    t0 = time.perf_counter()
+    model = train_crow(model, tok, recs, cfg, out / f"crow-trainer-w{world}")
+    seconds = time.perf_counter() - t0
+    history = json.loads((out / f"crow-trainer-w{world}" / "log_history.json").read_text())
+    steps = [h for h in history if "loss" in h]
+    poison = PoisonConfig(attack="badnet", task="refusal", seed=0)
+    test = _records(12)
+    ecfg = EvalConfig(batch_size=4, max_new_tokens=4)
+    metrics, gens = evaluate_model(model, tok, test, make_triggered_test(test, poison), poison, ecfg, desc="crow")
+    profile = layer_cosine_profile(model, tok, test, batch_size=4)
+    return {"world": world, "seconds": seconds,
+            "loss": [h["loss"] for h in steps], "loss_lm": [h.get("loss_lm") for h in steps],
+            "loss_adv": [h.get("loss_adv") for h in steps], "metrics": metrics, "generations": gens,
+            "layer_cosine": profile}
+
+
+def _blobs(n: int, seed: int):
+    """An easy 10-class image set (class colour + noise, 16 x 16): a tiny CNN learns it in a few epochs."""
+    from unbackdoor.classify.data import ImageData
+
+    g = torch.Generator().manual_seed(seed)
+    palette = torch.rand(10, 3, 1, 1, generator=torch.Generator().manual_seed(1234))
+    labels = torch.arange(n) % 10
+    x = palette[labels] + 0.25 * torch.randn(n, 3, 16, 16, generator=g)
+    return ImageData((x.clamp(0, 1) * 255).round().to(torch.uint8), labels, 10, name=f"blobs-{seed}")
+
+
+def ulrl_job(out: Path) -> dict:
+    """Train a tiny BatchNorm CNN (fit), purify it with ULRL (unlearn -> select -> relearn), evaluate it."""
+    from unbackdoor.classify.evaluate import evaluate_classifier
+    from unbackdoor.classify.models import build_model
+    from unbackdoor.classify.train import TrainConfig, evaluate_accuracy, fit
+    from unbackdoor.classify.ulrl import ULRLConfig, run_ulrl
+
+    train, test = _blobs(160, 0), _blobs(60, 1)
+    torch.manual_seed(0)
+    model = build_model("preact_resnet_tiny", 10, width=8)
+    t0 = time.perf_counter()
+    pre = fit(model, train, TrainConfig(epochs=3, batch_size=16, lr=0.02, augment=False, seed=0), desc="pretrain")
+    cfg = ULRLConfig(batch_size=16, unlearn_max_epochs=3, relearn_epochs=2, unlearn_lr=0.01, relearn_lr=0.005,
+                     min_clean_per_class=1, augment=True)
+    purified, report = run_ulrl(model, train, cfg, num_classes=10, seed=0)
+    seconds = time.perf_counter() - t0
+    metrics = evaluate_classifier(purified, test.images, test.labels, test.images.flip(-1), test.labels,
+                                  target=0, num_classes=10, batch_size=16)
+    state = {k: v.double().sum().item() for k, v in purified.state_dict().items() if v.is_floating_point()}
+    return {"world": D.world_size(), "seconds": seconds,
+            "pretrain_loss": [h["loss"] for h in pre.history], "pretrain_acc": [h["acc"] for h in pre.history],
+            "pretrain_test_acc": evaluate_accuracy(model, test, batch_size=16),
+            "unlearn_acc": report.trace["acc"], "unlearn_loss": report.trace["loss"],
+            "unlearn_epoch_acc": report.trace["epoch_acc"], "unlearn_epochs": report.trace["epochs"],
+            "unlearn_acc_every_rank": D.gather_objects(report.trace["acc"]),
+            "scores": report.selection.scores, "selected": report.selection.selected,
+            "relearn_loss": [r["loss"] for r in report.relearn_log], "relearn_acc": [r["acc"] for r in report.relearn_log],
+            "metrics": metrics, "param_sums": state, "batchnorm_classes": sorted(
+                {type(m).__name__ for m in purified.modules() if "BatchNorm" in type(m).__name__})}
+
+
+JOBS = {"crow": crow_job, "ulrl": ulrl_job}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--jobs", default="crow,ulrl", help="comma-separated: crow, ulrl")
+    p.add_argument("--out", required=True, type=Path, help="folder for <job>.json (rank 0 writes)")
+    args = p.parse_args(argv)
+    D.init()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.jobs.split(","):
+        result = JOBS[name](out)
+        if D.is_main_process():
+            (out / f"{name}-w{result['world']}.json").write_text(json.dumps(result, indent=1))
+        D.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
