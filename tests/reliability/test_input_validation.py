@@ -202,9 +202,7 @@ IMAGE_FILE_CASES = [
     ("cifar", Case("cifar-label-out-of-range", _cifar({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}),
                    DataError, ("label",), ("record 1",))),
     ("cifar", Case("cifar-labels-not-numbers", _cifar({b"data": np.zeros((2, 3072), np.uint8), b"labels": None}),
-                   DataError, ("labels",), ("test_batch",),
-                   xfail="classify.data.load_cifar10 passes 'labels' straight to np.asarray(dtype=int64): a None or "
-                         "string there raises a bare TypeError/ValueError instead of a DataError naming the field")),
+                   DataError, ("labels",), ("test_batch",))),
 ]
 
 
@@ -269,14 +267,9 @@ DEFENSE_CASES = [
     ("ulrl", Case("labels-beyond-model-outputs", lambda t: (tiny_classifier(), _clean(64, labels_shift=2)), ModelError,
                   ("out_features == 6",), ("Linear",))),
     ("ulrl", Case("images-of-wrong-size", lambda t: (tiny_classifier(size=8), _clean(64, size=12)), DataError,
-                  ("size",), ("clean",),
-                  xfail="classify.pipeline.defend / ulrl.run_ulrl do not check the clean images against the model's "
-                        "input size: a 12x12 set on an 8x8 model dies with a bare torch RuntimeError (mat1 and mat2 "
-                        "shapes cannot be multiplied) instead of a DataError naming the size")),
+                  ("size",), ("clean",))),
     ("ulrl", Case("grayscale-images-for-rgb-model", lambda t: (tiny_classifier(), _clean(64, channels=1)), DataError,
-                  ("channel",), ("clean",),
-                  xfail="classify.pipeline.defend / ulrl.run_ulrl do not check the image mode (channels) against the "
-                        "model: a grayscale set on an RGB model dies with a bare torch RuntimeError")),
+                  ("channel",), ("clean",))),
     ("ulrl", Case("model-without-linear-head", lambda t: (_NoHead(), _clean(64)), ModelError, ("linear",), ())),
 ]
 
@@ -310,9 +303,7 @@ def _classifier_folder(t: Path) -> Path:
 MODEL_CASES = [
     ("lm", Case("lm-missing", lambda t: t / "nope", ModelError, ("not found",), ("{path}",))),
     ("lm", Case("lm-from-classifier-folder", _classifier_folder, ModelError, ("config.json",), ("{path}",))),
-    ("lm", Case("lm-config-not-json", lambda t: (_file("config.json", "{not json")(t), t)[1], ModelError, (), ("{path}",),
-                xfail="lm.models.load_causal_lm lets transformers' OSError/JSONDecodeError for a damaged config.json "
-                      "escape (it only catches ValueError)")),
+    ("lm", Case("lm-config-not-json", lambda t: (_file("config.json", "{not json")(t), t)[1], ModelError, (), ("{path}",))),
     ("classifier", Case("classifier-missing", lambda t: t / "nope", ModelError, ("model.json",), ("nope",))),
     ("classifier", Case("classifier-from-lm-folder", _lm_folder, ModelError, ("model.json",), ("lm",))),
     ("classifier", Case("classifier-weights-truncated",

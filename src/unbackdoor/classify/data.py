@@ -249,6 +249,18 @@ def _cifar_images(raw: Any, n_expected: int | None, path: Path) -> torch.Tensor:
     return torch.from_numpy(arr.reshape(-1, 3, 32, 32).copy())
 
 
+def _int_labels(value: Any, file: Path, field: str) -> torch.Tensor:
+    """A batch file's labels as int64, or a DataError naming the file and field."""
+    try:
+        arr = np.asarray(value)
+        if arr.dtype == object or arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+            raise TypeError(f"dtype {arr.dtype}, shape {arr.shape}")
+        return torch.as_tensor(arr.astype(np.int64))
+    except (TypeError, ValueError) as e:
+        raise DataError(f"the labels are not a list of integers ({e})", where=f"{file}, field '{field}'",
+                        fix="the batch file is damaged or not a CIFAR batch; restore the original dataset files") from None
+
+
 def load_cifar10(root: str | Path, train: bool = True) -> ImageData:
     """CIFAR-10 from ``root/cifar-10-batches-py`` (or ``root`` itself): ``data_batch_1..5`` / ``test_batch``."""
     root = Path(root)
@@ -257,7 +269,7 @@ def load_cifar10(root: str | Path, train: bool = True) -> ImageData:
     xs, ys = [], []
     for f in files:
         d = restricted_unpickle(folder / f)
-        labels = torch.as_tensor(np.asarray(_get(d, "labels", folder / f), dtype=np.int64))
+        labels = _int_labels(_get(d, "labels", folder / f), folder / f, "labels")
         xs.append(_cifar_images(_get(d, "data", folder / f), len(labels), folder / f))
         ys.append(labels)
     names = [str(i) for i in range(10)]
@@ -273,7 +285,7 @@ def load_cifar100(root: str | Path, train: bool = True, *, coarse: bool = False)
     folder = _find_folder(root, "cifar-100-python", [fname], "CIFAR-100", "cifar-100-python.tar.gz")
     d = restricted_unpickle(folder / fname)
     key = "coarse_labels" if coarse else "fine_labels"
-    labels = torch.as_tensor(np.asarray(_get(d, key, folder / fname), dtype=np.int64))
+    labels = _int_labels(_get(d, key, folder / fname), folder / fname, key)
     images = _cifar_images(_get(d, "data", folder / fname), len(labels), folder / fname)
     n = 20 if coarse else 100
     names = [str(i) for i in range(n)]

@@ -31,6 +31,7 @@ from .attacks import AttackConfig, build_attack
 from .baselines import FPConfig, FTConfig, NADConfig, run_fp, run_ft, run_nad
 from .data import ImageData, stratified_subset
 from .evaluate import evaluate_classifier, with_der
+from .models import forward_logits
 from .ulrl import ULRLConfig, run_ulrl
 
 log = logging.getLogger("unbackdoor")
@@ -203,8 +204,33 @@ def defend(model: nn.Module, clean: Any, method: str, cfg: Any = None, run_dir: 
            seed: int = 0, num_classes: int | None = None) -> tuple[nn.Module, Any]:
     """Run one defense (``ulrl``, ``ft``, ``fp``, ``nad``) on a copy of ``model`` with the clean data only."""
     cfg = make_config(method, cfg)
+    check_images_fit(model, clean)
     set_seed(seed)
     return DEFENSES[method][1](model, clean, cfg, run_dir, num_classes=num_classes, seed=seed)
+
+
+def check_images_fit(model: nn.Module, clean: Any) -> None:
+    """Refuse clean images the model cannot take (channels, size) before any training starts."""
+    images = getattr(clean, "images", None)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
+        return  # dict inputs (text models) are checked by the model itself
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is not None and conv.in_channels != images.shape[1]:
+        raise DataError(f"clean images have {images.shape[1]} channel(s), the model's first convolution expects "
+                        f"{conv.in_channels}", where="clean data, field 'images'",
+                        fix="convert the images to the model's mode (e.g. RGB for 3 channels) when loading them")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            forward_logits(model, images[:2].float() / 255)
+    except RuntimeError as e:
+        raise DataError(f"clean images of {images.shape[1]} channel(s) and size {tuple(images.shape[2:])} do not fit "
+                        f"the model ({str(e).splitlines()[0]})", where="clean data, field 'images'",
+                        fix="give images with the channels and size the model was trained on "
+                            "(e.g. RGB, --size 32)") from None
+    finally:
+        model.train(was_training)
 
 
 def evaluate_attack(model: nn.Module, test: ImageData, attack: AttackConfig,

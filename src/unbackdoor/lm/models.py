@@ -139,7 +139,7 @@ def load_causal_lm(path: str | Path, *, adapter: str | Path | None = None, trust
     try:
         with _hf_bars():
             model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # unknown architecture, damaged config.json, unreadable weights
         raise ModelError(f"cannot load a causal LM from {path}: {str(e).splitlines()[0]}", where=str(path),
                          fix="pass a causal language model folder (e.g. LlamaForCausalLM); "
                              "custom architectures need --trust-remote-code") from None
