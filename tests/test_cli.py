@@ -151,7 +151,7 @@ def test_the_yaml_examples_in_the_docs_are_valid_configs():
 # ---- end to end on the real tiny worlds (quick settings) ---------------------------------------------
 
 LM_DEFENSES = {"finetune", "crow"}
-CLASSIFY_RUNS = {(a, d) for a in ("badnets", "blended") for d in ("ft", "fp", "nad", "ulrl")}
+CLASSIFY_RUNS = {(a, d) for a in ("badnets", "blended") for d in ("ft", "fp", "nad", "ulrl", "ulrl-kept")}
 
 
 @pytest.fixture(scope="module")

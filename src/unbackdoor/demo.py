@@ -23,7 +23,7 @@ from .sweep import Runner, call_pipeline, load_pipeline
 log = logging.getLogger("unbackdoor.demo")
 
 LM_SETUP = {"attack": "badnet", "task": "refusal", "defenses": ("finetune", "crow")}
-CLASSIFY_SETUP = {"attacks": ("badnets", "blended"), "defenses": ("ft", "fp", "nad", "ulrl")}
+CLASSIFY_SETUP = {"attacks": ("badnets", "blended"), "defenses": ("ft", "fp", "nad", "ulrl", "ulrl-kept")}
 
 
 @dataclasses.dataclass
