@@ -7,6 +7,10 @@ unlearning is forced to run its ``E`` epochs (``unlearn_stop_acc=0``) so the per
 measured; NAD's teacher gets ``E // 2`` epochs (the paper's 10 : 20). No test-set evaluation is
 timed. The paper budget (FT 20 epochs; ULRL k unlearning + 20 relearning epochs) is projected
 from the measured per-epoch times.
+
+``as_run`` times the defenses as a user runs them, on the shipped backdoored tiny-world model
+(BadNets, seed 0) and its 500-image clean subset: ULRL with its stopping rule (paper recipe and
+``kept``) against FT with as many epochs as ULRL relearns, interleaved, medians over repeats.
 """
 from __future__ import annotations
 
@@ -70,6 +74,38 @@ def run_defenses(model: torch.nn.Module, clean: Any, epochs: int, batch_size: in
     return out
 
 
+def as_run(epochs: int, repeats: int, device: torch.device) -> dict[str, Any]:
+    """ULRL (stopping rule on) vs FT on the shipped backdoored model, ``epochs`` relearning / FT epochs."""
+    import statistics
+
+    from unbackdoor.classify.baselines import FTConfig, run_ft
+    from unbackdoor.classify.data import stratified_subset
+    from unbackdoor.classify.pipeline import TINY, tiny_backdoored, tiny_world
+    from unbackdoor.classify.ulrl import ULRLConfig, run_ulrl
+
+    train, test = tiny_world(0)
+    clean = train.subset(stratified_subset(train, TINY.clean_count, 0))
+    model, _ = tiny_backdoored("badnets", 0, data=(train, test))
+    model.to(device)
+    runs = {"ulrl": lambda: run_ulrl(model, clean, ULRLConfig(relearn_epochs=epochs), num_classes=10),
+            "ulrl-kept": lambda: run_ulrl(model, clean, ULRLConfig.preset("kept", relearn_epochs=epochs), num_classes=10),
+            "ft": lambda: run_ft(model, clean, FTConfig(epochs=epochs), None, num_classes=10)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    unlearn_epochs: list[int] = []
+    for _ in range(repeats):  # interleaved, so a noisy neighbour slows every defense alike
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            _, report = fn()
+            times[name].append(time.perf_counter() - t0)
+            if name == "ulrl":
+                unlearn_epochs.append(int(report.trace["epochs"]))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"model": "shipped tiny-world BadNets seed 0", "clean_samples": len(clean), "epochs": epochs,
+            "repeats": repeats, "unlearn_epochs": unlearn_epochs, "median_s": {k: round(v, 3) for k, v in med.items()},
+            "ulrl_over_ft": round(ratio(med["ulrl"], med["ft"]), 3),
+            "ulrl_kept_over_ft": round(ratio(med["ulrl-kept"], med["ft"]), 3)}
+
+
 def run(size: str, device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     s = {"smoke": dict(models={"tiny": dict(n=40, epochs=1, bs=16)}),
          "quick": dict(models={"tiny": dict(n=500, epochs=2, bs=128), "preactresnet18": dict(n=256, epochs=1, bs=128)}),
@@ -88,4 +124,7 @@ def run(size: str, device: torch.device = torch.device("cpu")) -> dict[str, Any]
         res.update({"clean_samples": m["n"], "epochs": m["epochs"], "batch_size": m["bs"],
                     "params": num_parameters(model)})
         out[name] = res
+    ar = {"smoke": None, "quick": dict(epochs=5, repeats=1), "full": dict(epochs=20, repeats=3)}[size]
+    if ar:
+        out["as_run"] = as_run(ar["epochs"], ar["repeats"], device)
     return out

@@ -2,8 +2,11 @@
 
 Both sides call the library's :func:`unbackdoor.lm.evaluate.generate` (greedy, KV cache) on
 the same model and prompts; only ``batch_size`` differs. Two models: the shipped tiny-world
-Llama (real answers, most stop early at EOS) and a random-init model of the same shape
-(rarely emits EOS, so nearly every answer runs the full ``max_new_tokens``).
+Llama (real answers, which end at EOS after a token or two) and a random-init model of the same
+shape. Each is measured twice: as an ASR evaluation runs (answers stop at EOS: a batch runs until
+its longest answer ends, a single prompt stops at its own EOS) and at equal work
+(``min_new_tokens = max_new_tokens``: every answer is exactly 64 tokens on both sides), which is
+the comparison the target is judged on.
 """
 from __future__ import annotations
 
@@ -23,23 +26,25 @@ def _records(n: int, seed: int) -> list[dict[str, Any]]:
 
 
 def measure(model: Any, tok: Any, records: list[dict[str, Any]], *, max_new_tokens: int, batch_size: int,
-            single_prompts: int) -> dict[str, Any]:
+            single_prompts: int, equal_length: bool = False) -> dict[str, Any]:
     """Answers per second batched (all records) and one at a time (the first ``single_prompts``)."""
     from unbackdoor.lm.evaluate import generate
 
+    force = max_new_tokens if equal_length else 0
     generate(model, tok, records[:2], batch_size=2, max_new_tokens=4)  # warm-up
     t0 = time.perf_counter()
-    batched = generate(model, tok, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    batched = generate(model, tok, records, batch_size=batch_size, max_new_tokens=max_new_tokens, min_new_tokens=force)
     t_batched = time.perf_counter() - t0
     sub = records[:single_prompts]
     t0 = time.perf_counter()
-    single = generate(model, tok, sub, batch_size=1, max_new_tokens=max_new_tokens)
+    single = generate(model, tok, sub, batch_size=1, max_new_tokens=max_new_tokens, min_new_tokens=force)
     t_single = time.perf_counter() - t0
     tokens = [len(tok(a, add_special_tokens=False)["input_ids"]) for a in batched]
     same = sum(a == b for a, b in zip(batched[: len(single)], single))
     per_batched = len(records) / t_batched
     per_single = len(sub) / t_single
     return {"prompts": len(records), "single_prompts": len(sub), "max_new_tokens": max_new_tokens,
+            "equal_length": equal_length,
             "batch_size": batch_size, "batched_s": round(t_batched, 3), "single_s": round(t_single, 3),
             "single_s_extrapolated_to_all": round(t_single * len(records) / len(sub), 3),
             "answers_per_s_batched": round(per_batched, 2), "answers_per_s_single": round(per_single, 2),
@@ -53,17 +58,17 @@ def run(size: str, device: torch.device = torch.device("cpu")) -> dict[str, Any]
     from unbackdoor.lm.pipeline import ASSET_DIR
 
     s = {"smoke": dict(n=8, single=4, new=8, bs=4), "quick": dict(n=200, single=40, new=64, bs=16),
-         "full": dict(n=200, single=200, new=64, bs=16)}[size]
+         "full": dict(n=200, single=100, new=64, bs=16)}[size]
     model, tok = load_causal_lm(ASSET_DIR)
     model.to(device).eval()
     records = _records(s["n"], 0)
     out: dict[str, Any] = {"settings": s}
-    out["tiny_world_model"] = measure(model, tok, records, max_new_tokens=s["new"], batch_size=s["bs"],
-                                      single_prompts=s["single"])
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     rnd = LlamaForCausalLM(model.config).to(device).eval()
-    out["random_init_same_shape"] = measure(rnd, tok, records, max_new_tokens=s["new"], batch_size=s["bs"],
-                                            single_prompts=s["single"])
+    for name, m in (("tiny_world_model", model), ("random_init_same_shape", rnd)):
+        for mode, equal in (("", False), ("_equal_length", True)):
+            out[name + mode] = measure(m, tok, records, max_new_tokens=s["new"], batch_size=s["bs"],
+                                       single_prompts=s["single"], equal_length=equal)
     return out

@@ -32,6 +32,15 @@ def _met(value: Any, ok: Callable[[float], bool]) -> str:
     return "met" if ok(float(value)) else "**missed**"
 
 
+EVAL_CASES = ("tiny_world_model", "tiny_world_model_equal_length", "random_init_same_shape",
+              "random_init_same_shape_equal_length")
+
+
+def _eval_label(key: str) -> str:
+    name = key.replace("_equal_length", "").replace("_", " ")
+    return name + (", equal length: every answer 64 tokens" if key.endswith("_equal_length") else ", answers end at EOS")
+
+
 def targets(res: dict[str, Any]) -> list[list[Any]]:
     """``[item, target, our figure, status]`` rows."""
     s = res.get("sections", {})
@@ -47,9 +56,9 @@ def targets(res: dict[str, Any]) -> list[list[Any]]:
         m = r.get("crow_over_sft_mem")
         rows.append([f"1. CROW / SFT peak memory ({tag})", "<= 2.0", _f(m), _met(m, lambda v: v <= 2.0)])
     ev = s.get("eval", {})
-    for k in ("tiny_world_model", "random_init_same_shape"):
+    for k in EVAL_CASES:
         if k in ev:
-            rows.append([f"2. batched / one-at-a-time generation ({k.replace('_', ' ')})", ">= 5x",
+            rows.append([f"2. batched / one-at-a-time generation ({_eval_label(k)})", ">= 5x",
                          _f(ev[k]["speedup"]) + "x", _met(ev[k]["speedup"], lambda v: v >= 5)])
     cl = s.get("classify", {})
     for k, v in cl.items():
@@ -61,6 +70,12 @@ def targets(res: dict[str, Any]) -> list[list[Any]]:
                          "<= 1.5", f"{_f(p['unlearn_1_epochs'])} / {_f(p['unlearn_3_epochs'])} / "
                                    f"{_f(p['unlearn_20_epochs'])}",
                          _met(p["unlearn_3_epochs"], lambda x: x <= 1.5) + " (at 3)"])
+    ar = cl.get("as_run")
+    if ar:
+        rows.append([f"3. ULRL / FT total time, as run (shipped backdoored tiny model, stopping rule on, "
+                     f"{ar['epochs']} relearning = FT epochs; paper / kept)", "<= 1.5",
+                     f"{_f(ar['ulrl_over_ft'])} / {_f(ar['ulrl_kept_over_ft'])}",
+                     _met(max(ar["ulrl_over_ft"], ar["ulrl_kept_over_ft"]), lambda x: x <= 1.5)])
     pl = s.get("pipeline", {})
     for k, v in pl.items():
         if isinstance(v, dict) and "end_to_end_over_compute" in v:
@@ -139,12 +154,16 @@ def render(res: dict[str, Any], notes: str | Path | None = None) -> str:
     if ev:
         L += ["## 2. Evaluation throughput", "",
               "`unbackdoor.lm.evaluate.generate` (greedy, KV cache, left padding) with `batch_size` 16 against "
-              "`batch_size` 1, same model, same tiny-world prompts.", ""]
+              "`batch_size` 1, same model, same tiny-world prompts. 'answers end at EOS' is an ASR evaluation as "
+              "it runs (a batch decodes until its longest answer ends; a single prompt stops at its own EOS); "
+              "'equal length' forces every answer to exactly `max_new_tokens` tokens on both sides "
+              "(`min_new_tokens`), the same work. One-at-a-time runs on the first `single_prompts` prompts; "
+              "answers/s are per prompt actually run.", ""]
         rows = []
-        for k in ("tiny_world_model", "random_init_same_shape"):
+        for k in EVAL_CASES:
             if k in ev:
                 x = ev[k]
-                rows.append([k.replace("_", " "), x["prompts"], x["max_new_tokens"], _f(x["mean_answer_tokens"], 1),
+                rows.append([_eval_label(k), x["prompts"], x["max_new_tokens"], _f(x["mean_answer_tokens"], 1),
                              _f(x["batched_s"], 1), f"{_f(x['single_s'], 1)} ({x['single_prompts']} prompts)",
                              _f(x["answers_per_s_batched"], 1), _f(x["answers_per_s_single"], 1),
                              _f(x["speedup"]) + "x", x["identical_answers_batched_vs_single"]])
@@ -173,6 +192,13 @@ def render(res: dict[str, Any], notes: str | Path | None = None) -> str:
                   "epochs; ULRL k unlearning + 20 relearning epochs): ULRL / FT = " +
                   ", ".join(f"{_f(x)} (k = {n.split('_')[1]})" for n, x in v["projected_ulrl_over_ft_paper_budget"].items())
                   + ".", ""]
+        ar = cl.get("as_run")
+        if ar:
+            L += [f"**As run** ({ar['model']}, {ar['clean_samples']} clean images; ULRL's unlearning stops by its rule "
+                  f"after {ar['unlearn_epochs']} epoch(s); {ar['epochs']} relearning epochs = FT epochs; medians of "
+                  f"{ar['repeats']} interleaved repeats): ULRL {_f(ar['median_s']['ulrl'], 2)} s, ULRL kept "
+                  f"{_f(ar['median_s']['ulrl-kept'], 2)} s, FT {_f(ar['median_s']['ft'], 2)} s; ULRL / FT = "
+                  f"**{_f(ar['ulrl_over_ft'])}** (paper), **{_f(ar['ulrl_kept_over_ft'])}** (kept).", ""]
     pl = s.get("pipeline")
     if pl:
         L += ["## 4. Input pipeline", "",

@@ -251,3 +251,30 @@ def test_config_rejects_out_of_range_values_and_presets_exist():
         ULRLConfig.preset("nope")
     assert ULRLConfig.preset("cifar100").alpha == 0.001
     assert ULRLConfig().alpha == 0.7 and ULRLConfig().relearn_lr == 0.005
+
+
+def test_reinit_class_weight_weights_only_the_reinitialised_classes_in_the_relearning_loss():
+    model, x, y = _toy()
+    cfg = _small(relearn_epochs=1, batch_size=256, relearn_momentum=0.0, alpha=0.0, relearn_lr=0.1,
+                 reinit_class_weight=3.0)
+    trained, _ = relearn(model, "2", [1], (x, y), cfg, seed=4)
+    # by hand: the same re-initialised start, one full-batch SGD step on CE weighted 3 for class 1, 1 otherwise
+    start, _ = relearn(model, "2", [1], (x, y), cfg, seed=4, train=False)
+    loss = nn.functional.cross_entropy(start(x), y, weight=torch.tensor([1.0, 3.0, 1.0, 1.0]))
+    grads = torch.autograd.grad(loss, list(start.parameters()))
+    with torch.no_grad():
+        for p, g in zip(start.parameters(), grads):
+            p -= 0.1 * g
+    for (name, a), b in zip(trained.named_parameters(), start.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    unweighted, _ = relearn(model, "2", [1], (x, y), _small(**{**cfg.__dict__, "reinit_class_weight": 1.0}), seed=4)
+    assert not torch.allclose(unweighted.get_submodule("2").weight, trained.get_submodule("2").weight)
+
+
+def test_kept_preset_is_the_documented_refinement():
+    kept = ULRLConfig.preset("kept")
+    assert (kept.penalty, kept.relearn_lr, kept.reinit_class_weight, kept.alpha) == ("positive", 0.02, 1.5, 0.7)
+    assert ULRLConfig.preset("orthogonal").penalty == "positive" and ULRLConfig.preset("orthogonal").relearn_lr == 0.005
+    assert ULRLConfig().reinit_class_weight == 1.0  # the paper's recipe is unchanged
+    with pytest.raises(ConfigError, match="reinit_class_weight"):
+        ULRLConfig(reinit_class_weight=0.0)

@@ -151,6 +151,15 @@ def _batch_len(inputs: Inputs) -> int:
     return int(inputs.shape[0])
 
 
+def _total_norm(grads: list[torch.Tensor]) -> float:
+    """The global L2 norm of ``grads`` (fused where torch has it: torch >= 2.6)."""
+    if not grads:
+        return 0.0
+    if hasattr(nn.utils, "get_total_norm"):
+        return float(nn.utils.get_total_norm(grads))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
 def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
     """A per-epoch multiplier on the base lr: warm-up, then cosine / multistep / constant."""
     def factor(epoch: int) -> float:
@@ -313,8 +322,8 @@ def fit(model: nn.Module, data: ImageData | Iterable | Callable[[int], Iterable]
                 if cfg.grad_clip is not None:
                     gnorm = float(nn.utils.clip_grad_norm_(params, cfg.grad_clip))
                 else:
-                    gnorm = float(torch.sqrt(sum((p.grad.detach().float() ** 2).sum() for p in params
-                                                 if p.grad is not None) + 0.0))
+                    grads = [p.grad for p in params if p.grad is not None]  # fused norms (the NaN/inf guard)
+                    gnorm = _total_norm(grads)
                 if not math.isfinite(gnorm):
                     raise NumericalError(f"gradient norm is {gnorm} at epoch {epoch + 1}, step {step + 1}",
                                          where=f"{desc}; last good checkpoint: {last_good}",

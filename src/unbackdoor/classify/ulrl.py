@@ -69,11 +69,14 @@ class ULRLConfig:
     alpha: float = option(0.7, "weight of the cosine penalty between re-initialised and original rows (paper: 0.7 CIFAR-10; 0.001 CIFAR-100/GTSRB)")
     penalty: Literal["signed", "positive"] = option(
         "signed", "signed: alpha * sum cos (paper; pushes rows towards cos -1); positive: alpha * sum max(cos, 0) (stop at orthogonal)")
+    reinit_class_weight: float = option(
+        1.0, "cross-entropy weight of the classes whose rows were re-initialised, while relearning (paper: 1); "
+             "a fresh row competes with trained ones, so > 1 helps it relearn its class")
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         check_positive(self, "batch_size", "unlearn_lr", "unlearn_max_epochs", "relearn_lr", "relearn_epochs",
-                       "unlearn_clip", "z_threshold", "max_neurons")
+                       "unlearn_clip", "z_threshold", "max_neurons", "reinit_class_weight")
         check_non_negative(self, "unlearn_momentum", "unlearn_weight_decay", "relearn_momentum",
                            "relearn_weight_decay", "alpha", "min_clean_per_class", "unlearn_gamma")
         check_fraction(self, "unlearn_stop_acc")
@@ -99,9 +102,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cifar100": {"relearn_lr": 0.001, "alpha": 0.001},
     "gtsrb": {"relearn_lr": 0.001, "alpha": 0.001},
     "tiny-imagenet": {"relearn_lr": 0.001, "alpha": 0.001},
-    # our refinement (docs/ulrl.md): push the re-initialised rows to orthogonal, not to cos -1,
-    # so the target class can be relearned from features that do not carry the trigger
-    "kept": {"penalty": "positive"},
+    # our refinement (docs/ulrl.md): push the re-initialised rows to orthogonal, not to cos -1, and give
+    # the fresh rows enough signal to relearn their class (a larger relearning lr, class weight 1.5);
+    # chosen on tiny-world seeds 0-2, confirmed on held-out seeds (docs/results-classify.md)
+    "kept": {"penalty": "positive", "relearn_lr": 0.02, "reinit_class_weight": 1.5},
+    # the penalty change alone (the first refinement): removes the backdoor, loses 10-50 recall points
+    "orthogonal": {"penalty": "positive"},
 }
 
 
@@ -382,9 +388,13 @@ def relearn(original: nn.Module, head_name: str, rows: Sequence[int], data: Any,
     if not train:
         return model, []
     rows = list(rows)
+    class_weight = None
+    if rows and cfg.reinit_class_weight != 1.0:
+        class_weight = torch.ones(head.out_features, device=head.weight.device)
+        class_weight[rows] = cfg.reinit_class_weight
 
     def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y, weight=class_weight)
         if rows and cfg.alpha > 0:
             loss = loss + cfg.alpha * cosine_penalty(head.weight, orig_weight, rows, cfg.penalty)
         return loss

@@ -110,8 +110,13 @@ def _device(model: Any) -> torch.device:
 
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], *, template: str = "alpaca",
-             batch_size: int = 16, max_new_tokens: int = 128, desc: str = "generate") -> list[str]:
-    """Greedy responses to ``records`` (batched, left-padded, with the KV cache)."""
+             batch_size: int = 16, max_new_tokens: int = 128, min_new_tokens: int = 0,
+             desc: str = "generate") -> list[str]:
+    """Greedy responses to ``records`` (batched, left-padded, with the KV cache).
+
+    ``min_new_tokens`` suppresses EOS until that many tokens exist (benchmarks use it to compare
+    batched and one-at-a-time decoding on equal work).
+    """
     if not records:
         raise DataError("no prompts to generate from", where=desc, fix="pass at least one record")
     pad = _pad_id(tokenizer)
@@ -129,7 +134,8 @@ def generate(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], *
         chunk = prompts[start:start + batch_size]
         ids, mask = _left_pad(chunk, pad)
         new = max_new_tokens if limit is None else max(1, min(max_new_tokens, limit - ids.shape[1]))
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
+        extra = {"min_new_tokens": min(min_new_tokens, new)} if min_new_tokens > 0 else {}
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new, **extra,
                              do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad,
                              eos_token_id=tokenizer.eos_token_id)
         return [tokenizer.decode(row.tolist(), skip_special_tokens=True).strip() for row in gen[:, ids.shape[1]:]]
