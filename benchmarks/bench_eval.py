@@ -58,7 +58,7 @@ def run(size: str, device: torch.device = torch.device("cpu")) -> dict[str, Any]
     from unbackdoor.lm.pipeline import ASSET_DIR
 
     s = {"smoke": dict(n=8, single=4, new=8, bs=4), "quick": dict(n=200, single=40, new=64, bs=16),
-         "full": dict(n=200, single=100, new=64, bs=16)}[size]
+         "full": dict(n=200, single=50, new=64, bs=16)}[size]
     model, tok = load_causal_lm(ASSET_DIR)
     model.to(device).eval()
     records = _records(s["n"], 0)

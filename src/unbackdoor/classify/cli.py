@@ -178,7 +178,7 @@ def _defend(sub: Any) -> None:
     p.add_argument("--clean-count", type=int, default=None,
                    help="use a class-stratified random subset of this many clean samples (default: all of --clean)")
     p.add_argument("--method", choices=["ulrl", "ft", "fp", "nad"], default="ulrl", help="defense (default: ulrl)")
-    p.add_argument("--preset", default=None, help="ULRL preset: paper (default), kept, cifar100, gtsrb, tiny-imagenet")
+    p.add_argument("--preset", default=None, help="ULRL preset: paper (default), kept, orthogonal, cifar100, gtsrb, tiny-imagenet")
     p.add_argument("--out", required=True, type=Path, help="run folder to write (never inside --model)")
     p.add_argument("--seed", type=int, default=0, help="seed of the clean-subset choice and of the defense")
     p.add_argument("--test", default=None, help="test data to measure ACC/ASR/RA before and after: " + DATA_HELP)
