@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -74,7 +73,6 @@ needs_asset = pytest.mark.skipif(not (tiny_asset_dir("badnets", 0) / "model.json
 
 @needs_asset
 def test_tiny_world_quick_run_produces_the_contract_for_each_defense(tmp_path):
-    t0 = time.perf_counter()
     paths = run_tiny_world(tmp_path, attacks=("badnets",), defenses=("ulrl", "fp"), quick=True,
                            printer=None)
     assert set(paths) == {"badnets/ulrl", "badnets/fp"}
@@ -87,7 +85,6 @@ def test_tiny_world_quick_run_produces_the_contract_for_each_defense(tmp_path):
     sel = json.loads((paths["badnets/ulrl"] / "ulrl_selection.json").read_text())
     assert sel["status"] in ("ok", "mad_zero", "no_suspect") and len(sel["scores"]) == 10
     assert (paths["badnets/ulrl"] / "unlearn_trace.json").is_file()
-    assert time.perf_counter() - t0 < 90
 
 
 @needs_asset

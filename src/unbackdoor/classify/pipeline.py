@@ -57,10 +57,10 @@ class TinySettings:
     n_test: int = option(2000, "test images")
     model: str = option("preact_resnet_tiny", "architecture (models.MODELS)")
     width: int = option(8, "network width (8: 78k parameters; a 2-core CPU trains it in minutes)")
-    epochs: int = option(15, "backdoor training epochs")
+    epochs: int = option(25, "backdoor training epochs (15 left the Blended backdoor under ASR 0.9 on 2 of 5 seeds)")
     lr: float = option(0.05, "backdoor training learning rate (cosine schedule)")
     flip: bool = option(False, "horizontal flips while training (off: a flip moves the BadNets patch to the other "
-                               "corner and halves the trigger's consistency in a 15-epoch budget)")
+                               "corner and halves the trigger's consistency in a short budget)")
     clean_count: int = option(500, "clean samples the defender gets (10% of the training set: the tiny world's "
                                     "counterpart of CIFAR-10's 500 images)")
 
