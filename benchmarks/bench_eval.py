@@ -26,25 +26,34 @@ def _records(n: int, seed: int) -> list[dict[str, Any]]:
 
 
 def measure(model: Any, tok: Any, records: list[dict[str, Any]], *, max_new_tokens: int, batch_size: int,
-            single_prompts: int, equal_length: bool = False) -> dict[str, Any]:
-    """Answers per second batched (all records) and one at a time (the first ``single_prompts``)."""
+            single_prompts: int, equal_length: bool = False, repeats: int = 1) -> dict[str, Any]:
+    """Answers per second batched (all records) and one at a time (the first ``single_prompts``).
+
+    Medians over ``repeats``, the two sides interleaved repeat by repeat.
+    """
+    import statistics
+
     from unbackdoor.lm.evaluate import generate
 
     force = max_new_tokens if equal_length else 0
     generate(model, tok, records[:2], batch_size=2, max_new_tokens=4)  # warm-up
-    t0 = time.perf_counter()
-    batched = generate(model, tok, records, batch_size=batch_size, max_new_tokens=max_new_tokens, min_new_tokens=force)
-    t_batched = time.perf_counter() - t0
     sub = records[:single_prompts]
-    t0 = time.perf_counter()
-    single = generate(model, tok, sub, batch_size=1, max_new_tokens=max_new_tokens, min_new_tokens=force)
-    t_single = time.perf_counter() - t0
+    tb, ts = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        batched = generate(model, tok, records, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           min_new_tokens=force)
+        tb.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        single = generate(model, tok, sub, batch_size=1, max_new_tokens=max_new_tokens, min_new_tokens=force)
+        ts.append(time.perf_counter() - t0)
+    t_batched, t_single = statistics.median(tb), statistics.median(ts)
     tokens = [len(tok(a, add_special_tokens=False)["input_ids"]) for a in batched]
     same = sum(a == b for a, b in zip(batched[: len(single)], single))
     per_batched = len(records) / t_batched
     per_single = len(sub) / t_single
     return {"prompts": len(records), "single_prompts": len(sub), "max_new_tokens": max_new_tokens,
-            "equal_length": equal_length,
+            "equal_length": equal_length, "repeats": repeats,
             "batch_size": batch_size, "batched_s": round(t_batched, 3), "single_s": round(t_single, 3),
             "single_s_extrapolated_to_all": round(t_single * len(records) / len(sub), 3),
             "answers_per_s_batched": round(per_batched, 2), "answers_per_s_single": round(per_single, 2),
@@ -57,8 +66,8 @@ def run(size: str, device: torch.device = torch.device("cpu")) -> dict[str, Any]
     from unbackdoor.lm.models import load_causal_lm
     from unbackdoor.lm.pipeline import ASSET_DIR
 
-    s = {"smoke": dict(n=8, single=4, new=8, bs=4), "quick": dict(n=200, single=40, new=64, bs=16),
-         "full": dict(n=200, single=50, new=64, bs=16)}[size]
+    s = {"smoke": dict(n=8, single=4, new=8, bs=4, repeats=1), "quick": dict(n=200, single=40, new=64, bs=16, repeats=1),
+         "full": dict(n=200, single=50, new=64, bs=16, repeats=3)}[size]
     model, tok = load_causal_lm(ASSET_DIR)
     model.to(device).eval()
     records = _records(s["n"], 0)
@@ -70,5 +79,5 @@ def run(size: str, device: torch.device = torch.device("cpu")) -> dict[str, Any]
     for name, m in (("tiny_world_model", model), ("random_init_same_shape", rnd)):
         for mode, equal in (("", False), ("_equal_length", True)):
             out[name + mode] = measure(m, tok, records, max_new_tokens=s["new"], batch_size=s["bs"],
-                                       single_prompts=s["single"], equal_length=equal)
+                                       single_prompts=s["single"], equal_length=equal, repeats=s["repeats"])
     return out

@@ -158,7 +158,8 @@ def render(res: dict[str, Any], notes: str | Path | None = None) -> str:
               "it runs (a batch decodes until its longest answer ends; a single prompt stops at its own EOS); "
               "'equal length' forces every answer to exactly `max_new_tokens` tokens on both sides "
               "(`min_new_tokens`), the same work. One-at-a-time runs on the first `single_prompts` prompts; "
-              "answers/s are per prompt actually run.", ""]
+              "answers/s are per prompt actually run; seconds are medians of `repeats` interleaved repeats. "
+              "Batches are formed from length-sorted prompts (the library's default).", ""]
         rows = []
         for k in EVAL_CASES:
             if k in ev:

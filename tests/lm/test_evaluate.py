@@ -64,6 +64,16 @@ def test_batched_generation_equals_one_at_a_time(world, model):
     assert len({len(encode_prompt(r, world.tokenizer)) for r in recs}) > 1  # padding really happened
 
 
+def test_generation_answers_come_back_in_input_order_whatever_the_length_sorting(world, model):
+    recs = list(world["test"])
+    lengths = [len(encode_prompt(r, world.tokenizer)) for r in recs]
+    assert lengths != sorted(lengths)  # the batches are formed in another order than the input
+    forward = generate(model, world.tokenizer, recs, batch_size=3, max_new_tokens=6)
+    backward = generate(model, world.tokenizer, recs[::-1], batch_size=3, max_new_tokens=6)
+    assert backward == forward[::-1]
+    assert forward == [generate(model, world.tokenizer, [r], batch_size=1, max_new_tokens=6)[0] for r in recs]
+
+
 def test_generation_restores_training_mode(world):
     m = world.new_model(seed=2).train()
     generate(m, world.tokenizer, world["test"][:2], max_new_tokens=2)
