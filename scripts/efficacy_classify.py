@@ -202,7 +202,8 @@ def main() -> int:
     if not a.aggregate_only:
         run(a.seeds, a.attacks, a.defenses, a.out, a.cache_dir, a.force)
     result = collect(a.seeds, a.attacks, a.defenses, a.out)
-    result["settings"]["results_file"] = str(a.results.resolve().relative_to(ROOT)) if a.results.resolve().is_relative_to(ROOT) else str(a.results)
+    results = a.results.resolve()
+    result["settings"]["results_file"] = str(results.relative_to(ROOT) if results.is_relative_to(ROOT) else results)
     atomic_write_json(a.results, result)
     write_docs(result, a.docs, a.marker)
     print(markdown(result))
