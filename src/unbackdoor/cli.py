@@ -20,6 +20,7 @@ import sys
 import warnings
 
 from . import __version__
+from .core.cli_util import Parser, set_argv
 from .core.errors import UnbackdoorError
 from .core.progress import set_quiet
 
@@ -74,7 +75,7 @@ def _module_available(name: str) -> bool:
 
 def build_parser(*, debug: bool = False, only: str | None = None) -> argparse.ArgumentParser:
     """The full parser, or (``only``) one with just that command's module imported and the others listed."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="unbackdoor",
         description="Remove backdoors from trained models with a small clean dataset, and measure it.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -84,7 +85,7 @@ def build_parser(*, debug: bool = False, only: str | None = None) -> argparse.Ar
     )
     parser.add_argument("--version", action="version", version=f"unbackdoor {__version__}")
     _add_global_flags(parser, top=True)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for command, (name, text) in COMMANDS.items():
         if only is not None and command != only:
             if _module_available(name):
@@ -134,8 +135,17 @@ def _command_in(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command_in(argv)
-    parser = build_parser(debug="--debug" in argv, only=command if command in COMMANDS else "")
-    args = parser.parse_args(argv)
+    set_argv(argv)  # commands whose flags depend on --method / --attack read them while building the parser
+    try:
+        parser = build_parser(debug="--debug" in argv, only=command if command in COMMANDS else "")
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed with a suggestion)
+        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USER_ERROR
+    except UnbackdoorError as e:  # e.g. an unknown --method while choosing its flags
+        if "--debug" in argv:
+            raise
+        print(f"error: {e.format()}", file=sys.stderr)
+        return EXIT_USER_ERROR
     if args.quiet:
         set_quiet(True)
         os.environ["UNBACKDOOR_QUIET"] = "1"  # child processes too

@@ -3,7 +3,7 @@
     unbackdoor sweep --kind lm --seeds 0 1 2 --out runs/sweep-lm
 
 Each seed gets its own folder (``OUT/seed-<s>/``) handed to the domain pipeline
-(``unbackdoor.lm.pipeline.run_tiny_world`` or ``unbackdoor.classify.pipeline.run_tiny_world``).
+(``unbackdoor.lm.testbed.run_tiny_world`` or ``unbackdoor.classify.testbed.run_tiny_world``).
 The sweep is resumable: a seed (an attack, for LMs) whose run folders already hold a complete
 ``metrics.json`` for every requested defense is not run again. At the end it writes
 ``OUT/aggregate.json`` (mean, std and per-seed values of every metric per group, via
@@ -32,7 +32,7 @@ Runner = Callable[..., Any]
 
 DEFAULT_ATTACKS: dict[str, tuple[str, ...]] = {"lm": ("badnet",), "classify": ("badnets", "blended")}
 DEFAULT_DEFENSES: dict[str, tuple[str, ...]] = {"lm": ("finetune", "crow"), "classify": ("ft", "fp", "nad", "ulrl")}
-PIPELINES = {"lm": "unbackdoor.lm.pipeline", "classify": "unbackdoor.classify.pipeline"}
+PIPELINES = {"lm": "unbackdoor.lm.testbed", "classify": "unbackdoor.classify.testbed"}
 
 
 @dataclasses.dataclass

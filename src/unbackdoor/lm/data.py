@@ -6,6 +6,7 @@ release evaluated without the training template, which moved ASR by 30+ points.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass
@@ -275,30 +276,38 @@ def build_sft_features(
     return features
 
 
-@dataclass
-class SFTCollator:
-    """Right-pads a batch of SFT features; padded labels are -100, padded mask 0."""
+def _side(tokenizer: Any, side: str) -> Any:
+    """A shallow copy of ``tokenizer`` that pads on ``side`` (the caller's tokenizer is left as it is)."""
+    if getattr(tokenizer, "padding_side", side) == side:
+        return tokenizer
+    t = copy.copy(tokenizer)
+    t.padding_side = side
+    return t
 
-    pad_token_id: int
-    pad_to_multiple_of: int | None = None
 
-    @classmethod
-    def from_tokenizer(cls, tokenizer: Any, pad_to_multiple_of: int | None = None) -> "SFTCollator":
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if pad is None:
-            raise ConfigError("the tokenizer has neither a pad nor an EOS token", where="tokenizer",
-                              fix="set tokenizer.pad_token")
-        return cls(int(pad), pad_to_multiple_of)
+def _check_pad(tokenizer: Any) -> None:
+    if tokenizer.pad_token_id is None:
+        raise ConfigError(f"the tokenizer ({type(tokenizer).__name__}) has neither a pad nor an EOS token",
+                          where="tokenizer", fix="set tokenizer.pad_token")
 
-    def __call__(self, features: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
-        length = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            m = self.pad_to_multiple_of
-            length = (length + m - 1) // m * m
-        batch = {"input_ids": [], "attention_mask": [], "labels": []}
-        for f in features:
-            n = length - len(f["input_ids"])
-            batch["input_ids"].append(list(f["input_ids"]) + [self.pad_token_id] * n)
-            batch["attention_mask"].append(list(f.get("attention_mask", [1] * len(f["input_ids"]))) + [0] * n)
-            batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * n)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+def sft_collator(tokenizer: Any, pad_to_multiple_of: int | None = None) -> Any:
+    """The library's collator for SFT features: right-padded ids, mask 0 and labels -100 on padding.
+
+    Training pads on the right whatever the tokenizer's own ``padding_side`` (left padding would shift
+    the positions of a causal LM's real tokens).
+    """
+    from transformers import DataCollatorForSeq2Seq
+
+    _check_pad(tokenizer)
+    return DataCollatorForSeq2Seq(_side(tokenizer, "right"), padding=True, label_pad_token_id=IGNORE_INDEX,
+                                  pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+
+
+def pad_ids(tokenizer: Any, sequences: Sequence[Sequence[int]], side: Literal["left", "right"]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of ``sequences`` padded by the tokenizer (left for generation)."""
+    _check_pad(tokenizer)
+    batch = _side(tokenizer, side).pad({"input_ids": [list(s) for s in sequences]}, padding=True,
+                                       return_tensors="pt")
+    return batch["input_ids"].long(), batch["attention_mask"].long()
