@@ -21,5 +21,6 @@ CLASSIFY_DEFENSES.add("ft", "unbackdoor.classify.defenses.ft:SPEC")
 CLASSIFY_DEFENSES.add("fp", "unbackdoor.classify.defenses.fp:SPEC")
 CLASSIFY_DEFENSES.add("nad", "unbackdoor.classify.defenses.nad:SPEC")
 CLASSIFY_DEFENSES.add("ulrl", "unbackdoor.classify.defenses.ulrl:SPEC")
+CLASSIFY_DEFENSES.add("clp", "unbackdoor.classify.defenses.clp:SPEC")
 
 __all__ = ["CLASSIFY_DEFENSES"]

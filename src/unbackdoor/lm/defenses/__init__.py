@@ -25,6 +25,7 @@ from ...core.registry import Registry
 LM_DEFENSES: Registry[DefenseSpec] = Registry("LM defense")
 LM_DEFENSES.add("finetune", "unbackdoor.lm.defenses.finetune:SPEC", aliases=("ft",))
 LM_DEFENSES.add("crow", "unbackdoor.lm.defenses.crow:SPEC")
+LM_DEFENSES.add("prune", "unbackdoor.lm.defenses.prune:SPEC")
 
 
 @dataclass
