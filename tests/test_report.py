@@ -467,3 +467,21 @@ def test_drill_down_filter_works_in_headless_chromium(chromium: str, tmp_path: P
     dom, _ = open_in_chromium(chromium, res.html, tmp_path)  # no filter: the first 100 of all 250
     assert 'data-matching="250"' in dom and len(re.findall(r'<tr data-set=', dom)) == 100
     assert 'data-examples-ready="true"' in dom
+
+
+def test_distinguishing_settings_ignore_seeds_outputs_and_per_seed_paths():
+    from unbackdoor.report.variants import distinguishing_settings
+
+    cfgs = [{"seed": s, "out": f"runs/a{a}/s{s}", "model": f"bd/seed{s}", "defense": {"alpha": a, "lr": 1e-3}}
+            for a in (5.5, 11.0) for s in (0, 1)]
+    got = distinguishing_settings(cfgs, [c["seed"] for c in cfgs], [None] * 4, [c["out"] for c in cfgs])
+    assert got == [(("alpha", "5.5"),)] * 2 + [(("alpha", "11"),)] * 2
+    # an alpha sweep run with different seeds per alpha is still two variants (a float is never seed-bound)
+    got = distinguishing_settings([{"alpha": 5.5}, {"alpha": 11.0}], [0, 1], [None, None])
+    assert got == [(("alpha", "5.5"),), (("alpha", "11"),)]
+    # only the seed differs: nothing to tell apart
+    assert distinguishing_settings([{"seed": 0}, {"seed": 1}], [0, 1], [None, None]) == [(), ()]
+    # two keys that read the same: more of the dotted name
+    got = distinguishing_settings([{"a": {"lr": 1}, "b": {"lr": 1}}, {"a": {"lr": 2}, "b": {"lr": 3}}], [0, 0],
+                                  [None, None])
+    assert got == [(("a.lr", "1"), ("b.lr", "1")), (("a.lr", "2"), ("b.lr", "3"))]
