@@ -289,14 +289,15 @@ def _classifier_with_predictions(root: Path, n: int = 40) -> Path:
     run = write_synthetic_run(root, kind="classify", attack="badnets", defense="ulrl", task=None, counts=False,
                               artifacts=False)
     labels = [i % 10 for i in range(n)]
-    before, after = list(labels), [0 if i % 4 == 0 else y for i, y in enumerate(labels)]  # 10 changed to class 0
+    before = list(labels)
+    after = [5 if i == 10 else 0 if i % 4 == 0 else y for i, y in enumerate(labels)]  # 9 changed to 0, one to 5
     tl = [1 + i % 9 for i in range(n)]
     tb, ta = [0] * n, [0 if i < 4 else y for i, y in enumerate(tl)]
     write_predictions(run, (labels, before, after), (tl, [0] * n, tb, ta), CLASS_NAMES)
     m = json.loads((run / "metrics.json").read_text())
     acc = lambda p, y: sum(a == b for a, b in zip(p, y)) / len(y)  # noqa: E731
     m["before"].update(acc=acc(before, labels), asr=1.0, ra=0.0, target_recall=1.0)
-    m["after"].update(acc=acc(after, labels), asr=4 / n, ra=acc(ta, tl), target_recall=1.0)
+    m["after"].update(acc=acc(after, labels), asr=4 / n, ra=acc(ta, tl), target_recall=3 / 4)
     (run / "metrics.json").write_text(json.dumps(m))
     return run
 
@@ -307,9 +308,21 @@ def test_n_comes_from_the_artifacts_only_when_every_rate_is_a_whole_number_of_th
     assert g.after["acc"]["n_inputs"] == [40] and g.after["asr"]["n_inputs"] == [40]
     assert g.after["target_recall"]["n_inputs"] == [4]  # the clean images of the target class
     # an LM run that kept a sample of its generations: 2 prompts cannot be the n behind ASR 0.97...
-    write_synthetic_run(tmp_path / "lm", counts=False)
+    run = write_synthetic_run(tmp_path / "lm", counts=False)
     g = summarise(load_run(d) for d in find_run_dirs([tmp_path / "lm"]))[0]
     assert g.after["asr"]["n_inputs"] is None and g.after["asr"]["ci"] is None
+    # ...nor behind a rate of 0 or 1 (a whole multiple of any n) when the rest of its population rules it out
+    m = json.loads((run / "metrics.json").read_text())
+    m["after"].update(triggered_utility=0.0, asr=1.0, strict_asr=1.0)
+    m["before"].update(triggered_utility=0.0, asr=1.0, strict_asr=0.5)  # 0.5: whole for n = 2, but 0.97 below
+    m["before"]["asr"] = 0.97
+    (run / "metrics.json").write_text(json.dumps(m))
+    g = summarise(load_run(d) for d in find_run_dirs([tmp_path / "lm"]))[0]
+    assert g.after["triggered_utility"]["n_inputs"] is None and g.after["strict_asr"]["n_inputs"] is None
+    m["before"]["asr"] = 1.0  # only 0s, 1s and 0.5: n = 1 triggered generation... 0.5 is not whole for 1
+    (run / "metrics.json").write_text(json.dumps(m))
+    g = summarise(load_run(d) for d in find_run_dirs([tmp_path / "lm"]))[0]
+    assert g.after["asr"]["n_inputs"] is None
     md = build_report([tmp_path / "lm"], tmp_path / "rep").markdown.read_text()
     assert "ASR ↓<br>n unknown" in md
 
@@ -485,3 +498,15 @@ def test_distinguishing_settings_ignore_seeds_outputs_and_per_seed_paths():
     got = distinguishing_settings([{"a": {"lr": 1}, "b": {"lr": 1}}, {"a": {"lr": 2}, "b": {"lr": 3}}], [0, 0],
                                   [None, None])
     assert got == [(("a.lr", "1"), ("b.lr", "1")), (("a.lr", "2"), ("b.lr", "3"))]
+
+
+def test_n_comes_from_every_generation_when_the_rates_fit_them(tmp_path: Path):
+    run = write_synthetic_run(tmp_path / "lm", counts=False, artifacts=False)
+    write_generations(run, [(f"q{i}", "r", i < 4, "sorry", "r") for i in range(9)])  # 4 triggered, 5 clean
+    m = json.loads((run / "metrics.json").read_text())
+    for side in ("before", "after"):
+        m[side].update(asr=0.75, strict_asr=0.5, triggered_utility=0.25, clean_utility=0.6, false_trigger_rate=0.0)
+    (run / "metrics.json").write_text(json.dumps(m))
+    g = summarise(load_run(d) for d in find_run_dirs([tmp_path / "lm"]))[0]
+    assert g.after["asr"]["n_inputs"] == [4] and g.after["clean_utility"]["n_inputs"] == [5]
+    assert g.after["asr"]["ci"]["low"] == pytest.approx(wilson_interval(3, 4)[0])

@@ -156,8 +156,12 @@ def scenario_table(key: tuple[str, str, str], groups: list[GroupSummary], digits
 
 
 def text_table(table: Table) -> str:
-    """A plain-text rendering for terminals (the demo prints one per kind); cells on one line each."""
-    flat = [[str(c).replace("\n", " ") for c in r] for r in [table.header] + table.rows]
+    """A plain-text rendering for terminals (the demo prints one per kind).
+
+    Each cell shows its first line only (the value, or mean ± std; the header without n): the
+    intervals are in report.html, report.md and tables/.
+    """
+    flat = [[str(c).split("\n", 1)[0] for c in r] for r in [table.header] + table.rows]
     widths = [max(len(r[i]) for r in flat) for i in range(len(table.header))]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(flat[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in flat[1:]])

@@ -75,26 +75,37 @@ def population_sizes(rec: RunRecord, warnings: list[str] | None = None) -> dict[
     return out
 
 
-def _whole(rate: Any, n: int) -> bool:
-    """Is ``rate`` k / n for a whole k (or missing)?"""
-    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or math.isnan(float(rate)):
-        return True
-    k = float(rate) * n
-    return n > 0 and abs(k - round(k)) < 1e-6 * max(1.0, n)
+def _finite_rates(values: Sequence[Any]) -> list[float]:
+    return [float(v) for v in values
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+
+
+def _is_population_size(rates: Sequence[Any], n: int) -> bool:
+    """Could ``n`` be the number of inputs behind all these rates?
+
+    Every rate must be k / n for a whole k, and at least one must lie strictly between 0 and 1:
+    0 and 1 are whole multiples of any n, so they cannot tell a complete artifact from a sample
+    of it (8 kept generations of 200 prompts must not become n = 4).
+    """
+    vals = _finite_rates(rates)
+    return (n > 0 and bool(vals) and any(0.0 < v < 1.0 for v in vals)
+            and all(abs(v * n - round(v * n)) < 1e-6 * max(1.0, n) for v in vals))
 
 
 def metric_counts(rec: RunRecord, warnings: list[str] | None = None) -> dict[str, int]:
     """n per rate metric of this run (the same test inputs before and after the defense).
 
     Order of trust: ``metrics.json`` ``"n": {metric or population: n}``, then its ``n_clean`` /
-    ``n_triggered``, then :func:`population_sizes` (checked: every rate a whole number of them).
+    ``n_triggered``, then :func:`population_sizes`, checked against every rate of that population
+    (:func:`_is_population_size`); else unknown (absent from the result).
     """
     meta = rec.meta
     explicit = meta.get("n") if isinstance(meta.get("n"), dict) else {}
     top = {p: v for p in ("clean", "triggered") if (v := _int(meta.get(f"n_{p}"))) is not None}
+    rates = rate_metrics(rec)
     derived: dict[str, int] | None = None
     out: dict[str, int] = {}
-    for metric, pop in rate_metrics(rec).items():
+    for metric, pop in rates.items():
         n = _int(explicit.get(metric))
         if n is None:
             n = _int(explicit.get(pop))
@@ -104,7 +115,8 @@ def metric_counts(rec: RunRecord, warnings: list[str] | None = None) -> dict[str
             if derived is None:
                 derived = population_sizes(rec, warnings)
             cand = derived.get(pop)
-            if cand is not None and cand > 0 and all(_whole(side.get(metric), cand) for side in (rec.before, rec.after)):
+            same_pop = [side.get(m) for m, p in rates.items() if p == pop for side in (rec.before, rec.after)]
+            if cand is not None and _is_population_size(same_pop, cand):
                 n = cand
         if n is not None and n > 0:
             out[metric] = n

@@ -144,7 +144,8 @@ def describe(summary: CosineSummary, defense: str) -> str:
                     verdict = "leaves it within the 95% intervals"
             else:
                 verdict = "reduces it" if g2 < g else ("widens it" if g2 > g else "leaves it unchanged")
-            text += f"; {defense} {verdict}: {g2:.3f}{_ci(after, j)} after."
+            text += f"; {defense} {verdict}: {g2:.3f}{_ci(after, j)} after"
+            text += "." if summary.per_prompt else " (means only: no interval says whether this is more than noise)."
         else:
             text += "; there is no profile after the defense."
     if after is not None and len(after.mean) == len(before.mean):

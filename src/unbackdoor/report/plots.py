@@ -80,8 +80,9 @@ def plot_asr_utility(scenarios: dict[tuple[str, str, str], list[GroupSummary]], 
         ax.set_ylim(0, 1.15)
         ax.set_ylabel("rate")
         title = " / ".join(p for p in key[1:] if p)
-        over = (f"seed {seeds[0]}, 95% Wilson intervals" if len(seeds) == 1
-                else f"mean over seeds {', '.join(map(str, seeds))}, 95% t-intervals")
+        has_ci = any(not math.isnan(lo) for vals in (asr, util, trig) for _, lo, _ in vals)
+        over = (f"seed {seeds[0]}" if len(seeds) == 1 else f"mean over seeds {', '.join(map(str, seeds))}")
+        over += (", 95% Wilson intervals" if len(seeds) == 1 else ", 95% t-intervals") if has_ci else ", no intervals"
         ax.set_title(f"{kind}: {title}  ({over})", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         if i == 0:
