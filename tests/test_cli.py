@@ -99,7 +99,7 @@ def test_config_file_then_set_then_flags(synthetic_runs: Path, tmp_path: Path):
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "a" / "report.md").read_text()
     assert md.startswith("# From YAML") and _decimals(md) == {1}
-    assert "(greedy decoding; 1 of 2)" in md  # max_generations from the file
+    assert "1 of 2 examples of finetune, seed 0" in md  # max_generations from the file
     r = cli("report", str(synthetic_runs), "--out", str(tmp_path / "b"), "--config", str(cfg),
             "--set", "title=From set", "--digits", "4")
     assert r.returncode == 0, r.stderr

@@ -20,6 +20,7 @@ import sys
 import warnings
 
 from . import __version__
+from .core import logs
 from .core.cli_util import Parser, set_argv
 from .core.errors import UnbackdoorError
 from .core.progress import set_quiet
@@ -115,8 +116,11 @@ def build_parser(*, debug: bool = False, only: str | None = None) -> argparse.Ar
 
 
 def _log_to_stderr(level: int) -> None:
-    """Log lines on stderr at ``level``; the handler filters, so run folders' log.txt still gets INFO."""
-    handler = logging.StreamHandler(sys.stderr)
+    """Log lines on stderr at ``level``; the handler filters, so run folders' log.txt still gets INFO.
+
+    Under a multi-process launch only rank 0's lines pass (and every rank's errors).
+    """
+    handler = logs.install(logging.StreamHandler(sys.stderr))
     handler.setLevel(level)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -157,12 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     try:
-        rc = args.func(args)
+        with logs.main_process_stdout():  # one summary per job, not one per process
+            rc = args.func(args)
         return int(rc or 0)
     except UnbackdoorError as e:
         if args.debug:
             raise
-        print(f"error: {e.format()}", file=sys.stderr)
+        rank = logs.process_rank()
+        print(f"error{f' (rank {rank})' if rank else ''}: {e.format()}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted: completed outputs are kept; rerun the same command to continue", file=sys.stderr)

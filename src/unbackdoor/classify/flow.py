@@ -19,13 +19,14 @@ import torch
 from torch import nn
 
 from ..core.config import to_dict
-from ..core.defense import DefenseSpec, defense_metrics, write_threat_model
+from ..core.defense import DefenseSpec, defense_metrics, key_settings, write_threat_model
 from ..core.errors import ConfigError, DataError
+from ..core.model_card import write_model_card
 from ..core.paths import MARKER_KEY, check_outputs
 from ..core.registry import split_variant
 from ..core.runs import atomic_write_json, staged_run
 from ..core.seeds import set_seed
-from .attacks import AttackConfig, attack_config_from_dict, build_attack, poison_full
+from .attacks import AttackConfig, attack_config_from_dict, attack_targets, build_attack, poison_full
 from .data import ImageData, stratified_subset
 from .defenses import CLASSIFY_DEFENSES
 from .evaluate import evaluate_attack, with_der
@@ -150,14 +151,25 @@ def defend_loaded(out: str | Path, model: nn.Module, clean: ImageData, clean_ind
             with run.phase("evaluate"):
                 after = evaluate_attack(defended, test, attack, triggered, with_predictions=True)
             before_m, after_m = before[0], with_der(before[0], after[0])
-            target = attack.target if attack.mode == "all2one" else "y+1 mod K"
+            target = attack_targets(triggered.labels, attack, test.num_classes).tolist()
             run.write_json("predictions.json", _predictions_json(test, triggered, before[1], after[1], target))
         run.write_json("defense_report.json", report.to_json() if hasattr(report, "to_json") else report)
         save_model(defended, run / "model", model_meta)
+        write_model_card(run / "model", {
+            "defense": name, "kind": "classify", "variant": preset, "settings": key_settings(cfg),
+            "base_model": (sources or {}).get("model"),
+            "clean_data": {"source": (sources or {}).get("clean"), "count": len(clean_indices)},
+            "attack": attack.name if attack else None, "seed": seed,
+            "metrics": {"before": before_m, "after": after_m} if measured else None})
+        counts = {}
+        if measured:
+            target = attack.target if attack.mode == "all2one" else None
+            counts = {"clean": len(test), "triggered": int(len(triggered)),
+                      **({"clean_target": int((test.labels == target).sum())} if target is not None else {})}
         metrics = defense_metrics(kind="classify", defense=name, variant=preset, attack=attack.name if attack else None,
                                   seed=seed, before=before_m, after=after_m, seconds=seconds,
                                   clean_samples=len(clean_indices), wall_seconds=round(time.perf_counter() - t0, 3),
-                                  class_names=list(clean.class_names))
+                                  class_names=list(clean.class_names), n=counts)
         run.write_metrics(metrics)
     return run.path, metrics
 

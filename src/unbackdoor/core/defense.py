@@ -120,3 +120,18 @@ def defense_metrics(*, kind: str, defense: str, variant: str | None, attack: str
                    "seconds": None if seconds is None else round(float(seconds), 3)})
     record.update(extra)
     return record
+
+
+def key_settings(cfg: Any) -> dict[str, Any]:
+    """The fields a toolkit config declares itself (what a model card or a table should show).
+
+    For a config that extends a library class (``SFTConfig`` extends ``TrainingArguments``), the
+    library's own fields are left out unless the toolkit redeclares them with its defaults.
+    """
+    own: set[str] = set()
+    for klass in type(cfg).__mro__:
+        if not klass.__module__.startswith("unbackdoor"):
+            continue
+        own |= set(klass.__dict__.get("__annotations__", {}))
+    values = to_dict(cfg)
+    return {k: v for k, v in values.items() if k in own and not k.isupper() and k != "output_dir"}

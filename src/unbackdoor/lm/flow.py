@@ -18,8 +18,9 @@ from typing import Any, Mapping, Sequence
 
 from ..core import distributed
 from ..core.config import to_dict
-from ..core.defense import DefenseSpec, defense_metrics, write_threat_model
+from ..core.defense import DefenseSpec, defense_metrics, key_settings, write_threat_model
 from ..core.errors import ConfigError, DataError
+from ..core.model_card import write_model_card
 from ..core.paths import MARKER_KEY, check_outputs
 from ..core.registry import split_variant
 from ..core.runs import atomic_write_json, staged_run
@@ -175,6 +176,12 @@ def defend_loaded(out: str | Path, model: Any, tok: Any, clean: Sequence[Mapping
         with run.phase("save"):  # rank 0 only under `accelerate launch`; the others wait for it
             distributed.on_main_process(save_causal_lm, model, tok, run.path / "model", merge=merge,
                                         inputs=[p for p in inputs if p is not None])
+            distributed.on_main_process(write_model_card, run.path / "model", {
+                "defense": name, "kind": "lm", "variant": preset, "settings": key_settings(cfg),
+                "base_model": (sources or {}).get("model"), "adapter": not merge and is_adapter_dir(run.path / "model"),
+                "clean_data": {"source": (sources or {}).get("clean"), "count": len(clean_indices)},
+                "template": template, "attack": poison.attack, "task": poison.task, "seed": seed,
+                "metrics": {"before": before[0], "after": after_m} if measured else None})
         run.write_metrics(defense_metrics(
             kind="lm", defense=name, variant=preset, attack=poison.attack, task=poison.task, seed=seed,
             before=before[0] if measured else {}, after=after_m, seconds=seconds, template=template,

@@ -1,4 +1,4 @@
-"""Classifier defenses, by name: one folder each, registered in one line below.
+"""Classifier defenses, by name: one folder each, registered in one line below (the report lists them in this order: baselines first).
 
 A defense folder exposes ``SPEC`` (a :class:`unbackdoor.core.defense.DefenseSpec`) whose ``run``
 has the signature::
@@ -20,7 +20,7 @@ CLASSIFY_DEFENSES: Registry[DefenseSpec] = Registry("classifier defense")
 CLASSIFY_DEFENSES.add("ft", "unbackdoor.classify.defenses.ft:SPEC")
 CLASSIFY_DEFENSES.add("fp", "unbackdoor.classify.defenses.fp:SPEC")
 CLASSIFY_DEFENSES.add("nad", "unbackdoor.classify.defenses.nad:SPEC")
-CLASSIFY_DEFENSES.add("ulrl", "unbackdoor.classify.defenses.ulrl:SPEC")
 CLASSIFY_DEFENSES.add("clp", "unbackdoor.classify.defenses.clp:SPEC")
+CLASSIFY_DEFENSES.add("ulrl", "unbackdoor.classify.defenses.ulrl:SPEC")
 
 __all__ = ["CLASSIFY_DEFENSES"]

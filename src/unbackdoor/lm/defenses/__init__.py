@@ -1,4 +1,4 @@
-"""LM defenses, by name: one folder each, registered in one line below.
+"""LM defenses, by name: one folder each, registered in one line below (the report lists them in this order: baselines first).
 
 A defense folder exposes ``SPEC`` (a :class:`unbackdoor.core.defense.DefenseSpec`) whose ``run``
 has the signature::
@@ -24,8 +24,8 @@ from ...core.registry import Registry
 
 LM_DEFENSES: Registry[DefenseSpec] = Registry("LM defense")
 LM_DEFENSES.add("finetune", "unbackdoor.lm.defenses.finetune:SPEC", aliases=("ft",))
-LM_DEFENSES.add("crow", "unbackdoor.lm.defenses.crow:SPEC")
 LM_DEFENSES.add("prune", "unbackdoor.lm.defenses.prune:SPEC")
+LM_DEFENSES.add("crow", "unbackdoor.lm.defenses.crow:SPEC")
 
 
 @dataclass
