@@ -44,24 +44,26 @@ def resolve(cls: type[C], config: C | None, overrides: dict[str, Any]) -> C:
 
 
 def report(run_dirs: str | Path | Iterable[str | Path], out_dir: str | Path, config: ReportConfig | None = None,
-           **overrides: Any) -> ReportResult:
+           *, overwrite: bool = False, **overrides: Any) -> ReportResult:
     """Run folders (or folders containing them) -> ``report.html``, ``report.md``, PNGs, ``summary.json``."""
     paths = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
-    return build_report(paths, out_dir, resolve(ReportConfig, config, overrides))
+    return build_report(paths, out_dir, resolve(ReportConfig, config, overrides), overwrite=overwrite)
 
 
-def sweep(out_dir: str | Path, config: SweepConfig | None = None, **overrides: Any) -> SweepResult:
+def sweep(out_dir: str | Path, config: SweepConfig | None = None, *, overwrite: bool = False,
+          **overrides: Any) -> SweepResult:
     """A tiny-world pipeline over seeds (and attacks), resumable; writes ``aggregate.json`` and the report."""
     from . import sweep as _sweep
 
-    return _sweep.sweep(out_dir, resolve(SweepConfig, config, overrides))
+    return _sweep.sweep(out_dir, resolve(SweepConfig, config, overrides), overwrite=overwrite)
 
 
-def demo(out_dir: str | Path, config: DemoConfig | None = None, **overrides: Any) -> DemoResult:
+def demo(out_dir: str | Path, config: DemoConfig | None = None, *, overwrite: bool = False,
+         **overrides: Any) -> DemoResult:
     """Both tiny worlds end to end (seed 0 by default), the before/after tables and the report."""
     from . import demo as _demo
 
-    return _demo.demo(out_dir, resolve(DemoConfig, config, overrides))
+    return _demo.demo(out_dir, resolve(DemoConfig, config, overrides), overwrite=overwrite)
 
 
 def defenses(kind: str) -> list[dict[str, Any]]:

@@ -132,7 +132,7 @@ def _poison(sub: Any) -> None:
                               "  unbackdoor classify poison --data cifar10/ --attack badnets --rate 0.05 "
                               "--out data/badnets.safetensors")
     p.add_argument("--data", required=True, help=_data_help())
-    p.add_argument("--out", required=True, type=Path,
+    p.add_argument("--out", required=True,
                    help="output .safetensors file (the poisoned indices go to OUT-stem.poison.json beside it)")
     _overwrite_flag(p)
     _attack_options(p)
@@ -159,7 +159,7 @@ def _attack(sub: Any) -> None:
                               "  unbackdoor classify attack --data cifar10/ --arch preactresnet18 --epochs 100 "
                               "--out models/cifar-badnets")
     p.add_argument("--data", required=True, help=_data_help())
-    p.add_argument("--out", required=True, type=Path, help="output model folder (model.json + model.safetensors)")
+    p.add_argument("--out", required=True, help="output model folder (model.json + model.safetensors)")
     p.add_argument("--arch", default="preact_resnet_tiny", help=f"architecture: {', '.join(MODELS)}")
     p.add_argument("--width", type=int, default=None, help="network width (default: the architecture's)")
     p.add_argument("--epochs", type=int, default=20, help="training epochs (default: 20)")
@@ -210,7 +210,7 @@ def _defend(sub: Any) -> None:
     p.add_argument("--method", choices=CLASSIFY_DEFENSES.names(), default="ulrl", help="defense (default: ulrl)")
     p.add_argument("--preset", default=None, help="a named recipe of the method (ULRL: paper, kept, orthogonal, "
                                                   "cifar100, gtsrb, tiny-imagenet)")
-    p.add_argument("--out", required=True, type=Path, help="run folder to write (never inside an input)")
+    p.add_argument("--out", required=True, help="run folder to write (never inside an input)")
     p.add_argument("--seed", type=int, default=0, help="seed of the clean-subset choice and of the defense")
     p.add_argument("--test", default=None, help="test data to measure ACC/ASR/RA before and after: " + _data_help())
     _overwrite_flag(p)
@@ -244,7 +244,7 @@ def _evaluate(sub: Any) -> None:
                               "--out metrics.json")
     p.add_argument("--model", required=True, type=Path, help="model folder")
     p.add_argument("--test", required=True, help="test data: " + _data_help())
-    p.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
+    p.add_argument("--out", default=None, help="write the metrics as JSON here")
     _overwrite_flag(p)
     _attack_options(p, default=None)
     p.set_defaults(func=_cmd_evaluate)

@@ -22,7 +22,7 @@ from ..core.config import to_dict
 from ..core.defense import DefenseSpec, defense_metrics, key_settings, write_threat_model
 from ..core.errors import ConfigError, DataError
 from ..core.model_card import write_model_card
-from ..core.paths import MARKER_KEY, check_outputs
+from ..core.paths import MARKER_KEY, check_outputs, output_path
 from ..core.registry import split_variant
 from ..core.runs import atomic_write_json, staged_run
 from ..core.seeds import set_seed
@@ -221,7 +221,7 @@ def evaluate(model: str | Path, test: str | Path, *, attack: AttackConfig | None
 
 def poison_data(data: str | Path, out: str | Path, attack: AttackConfig, *, overwrite: bool = False) -> dict[str, Any]:
     """Write a poisoned copy of a training set (``.safetensors``) and the poisoned indices beside it."""
-    out = Path(out)
+    out = output_path(out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out {out} must end in .safetensors", where="--out", fix="e.g. --out poisoned.safetensors")
     sidecar = out.with_name(out.stem + ".poison.json")

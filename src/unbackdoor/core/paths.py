@@ -37,7 +37,8 @@ def written_by(path: Path) -> str | None:
     """The command that wrote ``path``, when it is an output of this toolkit (else None)."""
     try:
         if path.is_dir():
-            for name in ("config.json", "model.json"):  # run folders, classifier folders
+            # run folders, classifier folders, reports, sweeps, demos
+            for name in ("config.json", "model.json", "summary.json", "sweep_config.json", "demo_config.json"):
                 f = path / name
                 if f.is_file():
                     data = json.loads(f.read_text(encoding="utf-8"))

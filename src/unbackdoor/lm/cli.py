@@ -93,8 +93,8 @@ def _model_flags(p: argparse.ArgumentParser, adapter: bool = True) -> None:
 
 
 def _out_flag(p: argparse.ArgumentParser, text: str, required: bool = True) -> None:
-    p.add_argument("--out", "--output-dir", "--output_dir", dest="out", required=required, type=Path, default=None,
-                   help=text)
+    p.add_argument("--out", "--output-dir", "--output_dir", dest="out", required=required, default=None,
+                   help=text)  # a str: an empty value must reach the output rule, not become "."
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output that this command did not write (never an input)")
 

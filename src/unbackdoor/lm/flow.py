@@ -21,7 +21,7 @@ from ..core.config import to_dict
 from ..core.defense import DefenseSpec, defense_metrics, key_settings, write_threat_model
 from ..core.errors import ConfigError, DataError
 from ..core.model_card import write_model_card
-from ..core.paths import MARKER_KEY, check_outputs
+from ..core.paths import MARKER_KEY, check_outputs, output_path
 from ..core.registry import split_variant
 from ..core.runs import atomic_write_json, staged_run
 from ..core.seeds import set_seed
@@ -234,7 +234,7 @@ def poison_file(data: str | Path, out: str | Path, cfg: PoisonConfig, *, trigger
 
     The settings and the poisoned indices go to ``<out stem>.poison.json`` beside it.
     """
-    out = Path(out)
+    out = output_path(out)
     sidecar = out.with_name(out.stem + ".poison.json")
     check_outputs([out, sidecar], [data], command="lm poison", overwrite=overwrite)
     records = read_alpaca(data)

@@ -11,6 +11,7 @@ from typing import Any, Iterable
 
 from ..core.config import check_positive, option
 from ..core.errors import DataError
+from ..core.paths import MARKER_KEY
 from ..core.runs import atomic_write_json, atomic_write_text
 from ..core.stats import fmt_mean_std
 from . import plots
@@ -318,15 +319,22 @@ def _export(sections: list[Section], folder: Path) -> list[Path]:
     return written
 
 
-def build_report(paths: Iterable[str | Path], out_dir: str | Path, config: ReportConfig | None = None) -> ReportResult:
+def build_report(paths: Iterable[str | Path], out_dir: str | Path, config: ReportConfig | None = None, *,
+                 overwrite: bool = False) -> ReportResult:
     """Find every run under ``paths`` and write ``report.html``, ``report.md``, ``summary.json``, PNGs and
-    ``tables/`` (CSV + LaTeX of every table, CSV of every run's examples) to ``out_dir``."""
+    ``tables/`` (CSV + LaTeX of every table, CSV of every run's examples) to ``out_dir``.
+
+    ``out_dir`` may not be, contain or lie inside a run folder, and an existing folder that holds no
+    earlier report needs ``overwrite`` (``core.paths.check_outputs``).
+    """
+    from ..core.paths import check_outputs
+
     cfg = config or ReportConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     warnings: list[str] = []
     paths = list(paths)
     records = load_runs(paths, skip_invalid=cfg.skip_invalid, warnings=warnings)
+    out = check_outputs([out_dir], [r.path for r in records], command="report", overwrite=overwrite)[0]
+    out.mkdir(parents=True, exist_ok=True)
     groups = summarise(records, warnings)
     by_scenario = scenarios(groups)
     images: list[Path] = []
@@ -357,7 +365,7 @@ def build_report(paths: Iterable[str | Path], out_dir: str | Path, config: Repor
                 f"Every table is also in tables/ as CSV and LaTeX.")
     html_path = atomic_write_text(out / "report.html", render_html(cfg.title, subtitle, sections))
     md_path = atomic_write_text(out / "report.md", render_markdown(cfg.title, subtitle, sections, out))
-    summary = atomic_write_json(out / "summary.json", {"groups": [g.to_json() for g in groups],
+    summary = atomic_write_json(out / "summary.json", {MARKER_KEY: "report", "groups": [g.to_json() for g in groups],
                                                        "warnings": warnings})
     for w in warnings:
         log.warning(w)
