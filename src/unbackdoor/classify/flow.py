@@ -20,10 +20,10 @@ from torch import nn
 
 from ..core.config import to_dict
 from ..core.defense import DefenseSpec, defense_metrics, key_settings, write_threat_model
+from ..core.defense import resolve_defense as core_resolve
 from ..core.errors import ConfigError, DataError
 from ..core.model_card import write_model_card
 from ..core.paths import MARKER_KEY, check_outputs, output_path
-from ..core.registry import split_variant
 from ..core.runs import atomic_write_json, staged_run
 from ..core.seeds import set_seed
 from .attacks import AttackConfig, attack_config_from_dict, attack_targets, build_attack, poison_full
@@ -42,13 +42,7 @@ COMMAND_DEFEND = "classify defend"
 def resolve_defense(method: str, config: Any = None, *, preset: str | None = None,
                     overrides: dict[str, Any] | None = None) -> tuple[DefenseSpec, Any, str | None]:
     """``(spec, config, preset)`` for ``method`` (``ulrl``, or ``ulrl-kept`` = ULRL with preset ``kept``)."""
-    name, variant = split_variant(method, CLASSIFY_DEFENSES)
-    if variant is not None and preset is not None and variant != preset:
-        raise ConfigError(f"'{method}' names preset '{variant}' but preset '{preset}' was also given",
-                          where="defense", fix="give the preset once")
-    preset = preset or variant
-    spec = CLASSIFY_DEFENSES.get(name)
-    return spec, spec.make_config(config, preset=preset, overrides=overrides), preset
+    return core_resolve(CLASSIFY_DEFENSES, method, config, preset=preset, overrides=overrides)
 
 
 def check_images_fit(model: nn.Module, clean: Any) -> None:
@@ -113,12 +107,7 @@ def defend_loaded(out: str | Path, model: nn.Module, clean: ImageData, clean_ind
     predictions) reuses a measurement of the same model. ``sources`` are recorded as where the
     model and data came from; ``inputs`` are the paths the output may not touch.
     """
-    if cfg is None:
-        spec, cfg, preset = resolve_defense(method, preset=preset)
-    else:  # a config object already holds its preset's values; ``preset`` only names it
-        method_name, variant = split_variant(method, CLASSIFY_DEFENSES)
-        spec, preset = CLASSIFY_DEFENSES.get(method_name), preset or variant
-        cfg = spec.make_config(cfg)
+    spec, cfg, preset = resolve_defense(method, cfg, preset=preset)
     name = name or (f"{spec.name}-{preset}" if preset and preset != "paper" else spec.name)
     out = check_outputs([out], inputs, command=COMMAND_DEFEND, overwrite=overwrite)[0]
     fingerprint = {"method": spec.name, "preset": preset, "config": to_dict(cfg), "seed": seed,

@@ -100,6 +100,25 @@ class DefenseSpec:
         return dict(self.budgets.get(name, {}))
 
 
+def resolve_defense(registry: Any, method: str, config: Any = None, *, preset: str | None = None,
+                    overrides: Mapping[str, Any] | None = None) -> tuple[DefenseSpec, Any, str | None]:
+    """``(spec, config, preset)`` for ``method`` in ``registry``; ``ulrl-kept`` names ULRL's preset ``kept``.
+
+    Without ``config`` the preset's values (or the defaults) are the base; a given ``config`` already
+    holds them, so ``preset`` then only names it. ``overrides`` are applied last, type-checked.
+    """
+    from .registry import split_variant
+
+    name, variant = split_variant(method, registry)
+    if variant is not None and preset is not None and variant != preset:
+        raise ConfigError(f"'{method}' names preset '{variant}' but preset '{preset}' was also given",
+                          where="defense", fix="give the preset once")
+    spec = registry.get(name)
+    preset = preset or variant
+    cfg = spec.make_config(config, preset=preset if config is None else None, overrides=overrides)
+    return spec, cfg, preset
+
+
 def write_threat_model(run: Any, spec: DefenseSpec, **given: Any) -> None:
     """``threat_model.json``: what ``spec`` declares it needs beside what this run gave it."""
     run.write_json("threat_model.json", {"defense": spec.name, "kind": spec.kind, **spec.needs.ledger(**given)})

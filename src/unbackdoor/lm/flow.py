@@ -19,10 +19,10 @@ from typing import Any, Mapping, Sequence
 from ..core import distributed
 from ..core.config import to_dict
 from ..core.defense import DefenseSpec, defense_metrics, key_settings, write_threat_model
+from ..core.defense import resolve_defense as core_resolve
 from ..core.errors import ConfigError, DataError
 from ..core.model_card import write_model_card
 from ..core.paths import MARKER_KEY, check_outputs, output_path
-from ..core.registry import split_variant
 from ..core.runs import atomic_write_json, staged_run
 from ..core.seeds import set_seed
 from .data import read_alpaca, write_alpaca
@@ -54,13 +54,7 @@ def select_clean(n_available: int, n: int | None, seed: int) -> list[int]:
 def resolve_defense(method: str, config: Any = None, *, preset: str | None = None,
                     overrides: Mapping[str, Any] | None = None) -> tuple[DefenseSpec, Any, str | None]:
     """``(spec, config, preset)`` for ``method`` (``crow``, or ``crow-released`` = CROW's preset ``released``)."""
-    name, variant = split_variant(method, LM_DEFENSES)
-    if variant is not None and preset is not None and variant != preset:
-        raise ConfigError(f"'{method}' names preset '{variant}' but preset '{preset}' was also given",
-                          where="defense", fix="give the preset once")
-    spec = LM_DEFENSES.get(name)
-    preset = preset or variant
-    return spec, spec.make_config(config, preset=preset if config is None else None, overrides=overrides), preset
+    return core_resolve(LM_DEFENSES, method, config, preset=preset, overrides=overrides)
 
 
 def evaluation_block(model: Any, tok: Any, clean: Sequence[Mapping[str, Any]], triggered: Sequence[Mapping[str, Any]],
@@ -123,12 +117,7 @@ def defend_loaded(out: str | Path, model: Any, tok: Any, clean: Sequence[Mapping
     earlier measurement of the same model). ``poison`` names the attack and task being judged
     (recorded even without test data). The defended model goes to ``out/model``.
     """
-    if cfg is None:
-        spec, cfg, preset = resolve_defense(method, preset=preset)
-    else:  # a config object already holds its preset's values; ``preset`` only names it
-        method_name, variant = split_variant(method, LM_DEFENSES)
-        spec, preset = LM_DEFENSES.get(method_name), preset or variant
-        cfg = spec.make_config(cfg)
+    spec, cfg, preset = resolve_defense(method, cfg, preset=preset)
     name = name or (f"{spec.name}-{preset}" if preset and preset != "paper" else spec.name)
     poison = poison or PoisonConfig()
     ecfg = eval_cfg or EvalConfig(template=template)
