@@ -451,6 +451,8 @@ def save_model(model: nn.Module, out_dir: str | Path, meta: dict[str, Any] | Non
     else a bare safetensors state dict), replacing the folder in one rename."""
     meta = dict(meta or {})
     fmt = meta.get("format") or ("unbackdoor" if "architecture" in meta else None)
+    if fmt is not None and str(fmt).startswith("unbackdoor-classifier"):  # model.json's own version tag
+        fmt = "unbackdoor"
     with atomic_dir(out_dir) as tmp:
         if fmt is None:
             safeio.save_state_dict(model.state_dict(), tmp / "model.safetensors")
