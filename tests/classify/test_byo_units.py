@@ -289,3 +289,24 @@ def test_clp_refuses_a_transformer_at_once(tiny_bert_task):
     model, _ = tiny_bert_task
     with pytest.raises(ModelError, match="convolutions followed by batch norm"):
         CLASSIFY_DEFENSES.get("clp").check_model(model, None)
+
+
+def test_no_suspect_is_said_in_metrics_and_in_the_report(tmp_path):
+    from byo_nets import SmallNet
+
+    from unbackdoor import api
+    from unbackdoor.classify.data import ImageData
+    from unbackdoor.classify.flow import defend_loaded
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageData(torch.randint(0, 256, (40, 3, 8, 8), generator=g, dtype=torch.uint8), torch.arange(40) % 2, 2,
+                     ["cat", "dog"])
+    torch.manual_seed(0)
+    cfg = ULRLConfig(batch_size=20, augment=False, unlearn_max_epochs=1, relearn_epochs=1)
+    run, metrics = defend_loaded(tmp_path / "run", SmallNet(num_classes=2), data, list(range(40)), "ulrl", cfg,
+                                 test=data, attack=attack_config("badnets"), seed=0)
+    assert metrics["defense_status"] == "no_suspect" and metrics["class_names"] == ["cat", "dog"]
+    assert any("plain finetuning" in w for w in metrics["warnings"])
+    report = api.report([run], tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "ULRL found no suspicious neuron: this result is plain finetuning" in text and report is not None

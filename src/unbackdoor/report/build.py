@@ -327,6 +327,9 @@ def build_report(paths: Iterable[str | Path], out_dir: str | Path, config: Repor
     warnings: list[str] = []
     paths = list(paths)
     records = load_runs(paths, skip_invalid=cfg.skip_invalid, warnings=warnings)
+    # what a defense said about its own result (e.g. ULRL with no suspect: plain finetuning) is shown, not lost
+    warnings += [f"{r.defense} ({r.attack}, seed {r.seed}): {w}" for r in records
+                 for w in (r.meta.get("warnings") or []) if isinstance(w, str)]
     groups = summarise(records, warnings)
     by_scenario = scenarios(groups)
     images: list[Path] = []
