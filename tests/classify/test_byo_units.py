@@ -310,3 +310,24 @@ def test_no_suspect_is_said_in_metrics_and_in_the_report(tmp_path):
     report = api.report([run], tmp_path / "report")
     text = (tmp_path / "report" / "report.md").read_text()
     assert "ULRL found no suspicious neuron: this result is plain finetuning" in text and report is not None
+
+
+def test_hf_image_classifier_takes_our_images_and_is_saved_back_as_hf(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    vit = ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16,
+                                              num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                                              num_labels=3))
+    vit.save_pretrained(tmp_path / "vit", safe_serialization=True)
+    (tmp_path / "vit" / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3,
+                                                                           "image_std": [0.5] * 3}))
+    model, meta = load_model(tmp_path / "vit")
+    assert meta["modality"] == "image" and meta["num_classes"] == 3
+    x = torch.rand(2, 3, 8, 8)
+    vit.eval()
+    assert torch.allclose(model(x), vit(pixel_values=(x - 0.5) / 0.5).logits, atol=1e-5)  # normalised like HF
+    save_model(model, tmp_path / "out", meta)
+    assert (tmp_path / "out" / "preprocessor_config.json").is_file()
+    again, _ = load_model(tmp_path / "out")
+    assert torch.allclose(again(x), model(x), atol=1e-6)
