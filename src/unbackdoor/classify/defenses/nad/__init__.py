@@ -3,12 +3,18 @@
 A teacher is the model fine-tuned on clean data; the student (the backdoored model) is trained on
 CE plus attention-map distillation towards the teacher at chosen layers (``beta`` per layer: 500,
 1000, 1000 as in BackdoorBench for CIFAR).
+
+Layers: a CNN's feature maps ``[N, C, H, W]`` (default ``layer2/3/4``, PreActResNet's stages) give
+one attention value per pixel (mean over channels of ``|a|^p``); a transformer's block outputs
+(hidden states ``[N, T, D]``, default the last three blocks) give one value per token (mean over
+the hidden size), padding tokens masked out. The layers are checked (they exist, their outputs
+have one of these shapes) on two clean samples before the teacher is trained.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +24,9 @@ from ....core.config import check, check_non_negative, check_positive, option, t
 from ....core.defense import DefenseSpec, Needs
 from ....core.errors import ModelError
 from ....core.runs import Phases, RunDir, as_run_dir
-from ...batching import Prepare, as_inputs_labels, model_device
-from ..common import DefenseReport, check_clean_data, finetune, head_of, num_classes_of
+from ...batching import Prepare, as_inputs_labels, default_prepare, model_device, take, to_device
+from ...models import forward_logits, transformer_blocks
+from ..common import ENCODER_RECIPE, OPTIMIZER_HELP, DefenseReport, check_clean_data, finetune, head_of, num_classes_of
 
 
 @dataclass
@@ -32,7 +39,9 @@ class NADConfig:
     momentum: float = option(0.9, "SGD momentum")
     weight_decay: float = option(5e-4, "weight decay")
     batch_size: int = option(128, "minibatch size")
-    layers: tuple[str, ...] | None = option(None, "modules whose attention maps are distilled (default: layer2, layer3, layer4)")
+    optimizer: Literal["sgd", "adamw"] = option("sgd", OPTIMIZER_HELP)
+    layers: tuple[str, ...] | None = option(None, "modules whose attention maps are distilled (default: layer2, layer3, "
+                                                  "layer4 of a CNN; the last three blocks of a transformer)")
     betas: tuple[float, ...] = option((500.0, 1000.0, 1000.0), "weight of each layer's attention loss (paper/BackdoorBench: 500, 1000, 1000)")
     power: float = option(2.0, "attention map = mean over channels of |activation|^power (paper: 2)")
     augment: bool = option(True, "random crop + flip on image batches")
@@ -48,25 +57,78 @@ class NADConfig:
 
 
 
-def attention_map(features: torch.Tensor, power: float = 2.0) -> torch.Tensor:
-    """NAD's attention map: L2-normalised ``mean_c |a|^p`` per sample, flattened."""
-    am = features.abs().pow(power).mean(dim=1).reshape(features.shape[0], -1)
+def attention_map(features: torch.Tensor, power: float = 2.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """NAD's attention map, L2-normalised per sample: ``mean_c |a|^p`` per pixel of ``[N, C, H, W]``
+    feature maps, or ``mean_d |a|^p`` per token of ``[N, T, D]`` hidden states (``mask`` ``[N, T]``
+    zeroes padding tokens)."""
+    if features.ndim == 3:
+        am = features.abs().pow(power).mean(dim=2)
+        if mask is not None:
+            am = am * mask.to(am.dtype)
+    else:
+        am = features.abs().pow(power).mean(dim=1).reshape(features.shape[0], -1)
     return F.normalize(am, dim=1)
 
 
-def attention_loss(student: torch.Tensor, teacher: torch.Tensor, power: float = 2.0) -> torch.Tensor:
+def attention_loss(student: torch.Tensor, teacher: torch.Tensor, power: float = 2.0,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared difference of the two attention maps (teacher treated as constant)."""
-    return (attention_map(student, power) - attention_map(teacher.detach(), power)).pow(2).mean()
+    return (attention_map(student, power, mask) - attention_map(teacher.detach(), power, mask)).pow(2).mean()
 
 
 def default_nad_layers(model: nn.Module) -> tuple[str, ...]:
+    """``layer2/3/4`` of a PreActResNet-like CNN, else the last three blocks of a transformer."""
     names = ("layer2", "layer3", "layer4")
     if all(hasattr(model, n) for n in names):
         return names
-    raise ModelError(f"NAD needs the names of the layers to distill; {type(model).__name__} has no layer2/3/4",
-                     where=type(model).__name__,
-                     fix="pass NADConfig(layers=('module.a', 'module.b', ...)) with one beta per layer "
-                         "(modules whose outputs are [N, C, H, W] feature maps)")
+    blocks = [n for n, _ in transformer_blocks(model)]
+    if len(blocks) >= 3:
+        return tuple(blocks[-3:])
+    raise ModelError(f"NAD needs the names of the layers to distill; {type(model).__name__} has no layer2/3/4 "
+                     "and no transformer blocks", where=type(model).__name__,
+                     fix="pass --set layers=[module.a,module.b,module.c] (one beta per layer): modules whose "
+                         "outputs are [N, C, H, W] feature maps or [N, T, D] hidden states")
+
+
+def _output_tensor(out: Any) -> Any:
+    """A block's output tensor (transformer blocks may return a tuple whose first item is the hidden states)."""
+    return out[0] if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) else out
+
+
+def check_nad(model: nn.Module, cfg: NADConfig) -> None:
+    """Refuse, before any training, a model whose distillation layers are missing."""
+    layers = cfg.layers or default_nad_layers(model)
+    if len(layers) != len(cfg.betas):
+        raise ModelError(f"{len(layers)} NAD layers but {len(cfg.betas)} betas", where="NADConfig",
+                         fix="give one beta per layer")
+    for name in layers:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ModelError(f"the model has no module '{name}'", where="NADConfig.layers",
+                             fix="name modules that exist (see model.named_modules())") from None
+
+
+def _check_layer_shapes(model: nn.Module, layers: Sequence[str], inputs: Any, prepare: Prepare | None) -> None:
+    """One forward of two clean samples: every layer must output feature maps or hidden states."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda _m, _a, o, n=n: shapes.__setitem__(n, tuple(getattr(_output_tensor(o), "shape", ())))) for n in layers]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            batch = to_device((prepare or default_prepare)(take(inputs, slice(0, 2))), model_device(model))
+            forward_logits(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    for name in layers:
+        if len(shapes.get(name, ())) not in (3, 4):
+            raise ModelError(f"NAD layer '{name}' outputs shape {shapes.get(name)}, not [N, C, H, W] feature maps nor "
+                             "[N, T, D] hidden states", where="NADConfig.layers",
+                             fix="choose convolutional stages or transformer blocks")
 
 
 def run_nad(model: nn.Module, clean_data: Any, cfg: NADConfig | None = None, run_dir: RunDir | str | None = None, *,
@@ -77,17 +139,16 @@ def run_nad(model: nn.Module, clean_data: Any, cfg: NADConfig | None = None, run
     k = num_classes_of(labels, num_classes)
     head_of(model, k, None)
     check_clean_data(labels, k, cfg.min_clean_per_class, "NAD")
+    check_nad(model, cfg)
     layers = cfg.layers or default_nad_layers(model)
     betas = cfg.betas
-    if len(betas) != len(layers):
-        raise ModelError(f"{len(layers)} NAD layers but {len(betas)} betas", where="NADConfig",
-                         fix="give one beta per layer")
+    _check_layer_shapes(model, layers, inputs, prepare)
     phases = Phases(as_run_dir(run_dir))
     teacher = copy.deepcopy(model)
     with phases("teacher"):
         teacher_log = finetune(teacher, clean_data, lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, epochs=cfg.teacher_epochs, batch_size=cfg.batch_size,
-                                augment=cfg.augment, seed=seed + 11, prepare=prepare, desc="NAD teacher")
+                                augment=cfg.augment, seed=seed + 11, prepare=prepare, optimizer=cfg.optimizer, desc="NAD teacher")
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -101,12 +162,14 @@ def run_nad(model: nn.Module, clean_data: Any, cfg: NADConfig | None = None, run
         except AttributeError:
             raise ModelError(f"the model has no module '{name}'", where="NADConfig.layers",
                              fix="name modules that exist (see model.named_modules())") from None
-        hooks.append(ms.register_forward_hook(lambda _m, _a, o, n=name: feats_s.__setitem__(n, o)))
-        hooks.append(mt.register_forward_hook(lambda _m, _a, o, n=name: feats_t.__setitem__(n, o)))
+        hooks.append(ms.register_forward_hook(lambda _m, _a, o, n=name: feats_s.__setitem__(n, _output_tensor(o))))
+        hooks.append(mt.register_forward_hook(lambda _m, _a, o, n=name: feats_t.__setitem__(n, _output_tensor(o))))
+    batch_mask: dict[str, torch.Tensor | None] = {"mask": None}
 
     # the student's forward fills feats_s; the teacher must see the SAME (augmented) batch, so we run it
-    # from a forward pre-hook on the student with the student's input.
+    # from a forward pre-hook on the student with the student's input (and keep its padding mask).
     def teacher_pass(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        batch_mask["mask"] = kwargs.get("attention_mask")
         with torch.no_grad():
             teacher(*args, **kwargs)
 
@@ -116,17 +179,15 @@ def run_nad(model: nn.Module, clean_data: Any, cfg: NADConfig | None = None, run
         total = torch.zeros((), device=model_device(student))
         for name, beta in zip(layers, betas):
             s, t = feats_s[name], feats_t[name]
-            if s.ndim != 4:
-                raise ModelError(f"NAD layer '{name}' outputs shape {tuple(s.shape)}, not [N, C, H, W]",
-                                 where="NADConfig.layers", fix="choose convolutional feature-map layers")
-            total = total + beta * attention_loss(s, t, cfg.power)
+            mask = batch_mask["mask"] if s.ndim == 3 else None
+            total = total + beta * attention_loss(s, t, cfg.power, mask)
         return total
 
     try:
         with phases("train"):
             logs = finetune(student, clean_data, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                              epochs=cfg.epochs, batch_size=cfg.batch_size, augment=cfg.augment, seed=seed,
-                             prepare=prepare, extra_loss=at_loss, desc="NAD student")
+                             prepare=prepare, optimizer=cfg.optimizer, extra_loss=at_loss, desc="NAD student")
     finally:
         for h in hooks:
             h.remove()
@@ -138,5 +199,7 @@ SPEC = DefenseSpec(
     name="nad", kind="classify", config=NADConfig, run=run_nad, needs=Needs(trains=True),
     summary="neural attention distillation from a fine-tuned teacher (Li et al. 2021)",
     paper="Neural Attention Distillation: Erasing Backdoor Triggers from Deep Neural Networks (ICLR 2021)",
+    check=lambda model, cfg: check_nad(model, cfg),
+    presets={"encoder": {**ENCODER_RECIPE, "teacher_epochs": 5}},  # pretrained transformers (common.ENCODER_RECIPE)
     budgets={"demo": {"teacher_epochs": 5, "epochs": 5}, "smoke": {"teacher_epochs": 1, "epochs": 2}},
 )

@@ -24,9 +24,26 @@ class ULRLConfig:
     unlearn_clip: float = option(20.0, "gradient-norm clip while unlearning (paper: 20)")
     unlearn_max_epochs: int = option(20, "at most this many unlearning epochs (paper: 20)")
     unlearn_stop_acc: float = option(0.2, "stop unlearning once an epoch's running clean accuracy is <= this (paper: 0.2)")
+    unlearn_stop_rule: Literal["auto", "absolute", "chance"] = option(
+        "absolute", "absolute: stop at unlearn_stop_acc (paper); chance: at 1/K + unlearn_stop_margin x (1 - 1/K), the "
+                "paper's 0.2 at K = 10 carried to K classes; auto: the larger of the two (the paper's rule wherever "
+                "0.2 is above chance, the chance-relative one on 2-5 classes, where 0.2 is unreachable)")
+    unlearn_stop_margin: float = option(
+        0.1111, "chance-relative stop: the fraction of the way from chance (1/K) to perfect accuracy (1/9 = 0.1111 "
+                "gives the paper's 0.2 at K = 10; 0.556 at K = 2)")
+    optimizer: Literal["sgd", "adamw"] = option(
+        "sgd", "optimizer of both phases: sgd (the paper's) or adamw (pretrained encoders: preset 'encoder')")
     # neuron selection
     z_threshold: float = option(3.5, "a head row is suspicious if its robust z-score exceeds this and its score exceeds the median (paper: 3.5)")
     max_neurons: int = option(2, "keep at most this many suspicious rows, largest z first (paper: 2)")
+    neurons: Literal["auto", "head", "feeding"] = option(
+        "head", "which neurons are scored: head (the paper's: one row per class), feeding (the neurons of the layer "
+                "that feeds the head, scored by how far their incoming weights moved while unlearning: Lin et al. "
+                "2024's neuron weight change), auto: head with >= head_min_classes classes, else feeding (with 2 "
+                "classes the two head rows move by mirror-image amounts and the MAD rule can never flag one)")
+    head_min_classes: int = option(10, "auto: score the head rows from this many classes up (the paper's setting: 10+)")
+    feeding_max_fraction: float = option(
+        0.05, "feeding neurons: keep at most max(max_neurons, this fraction of the layer) suspicious neurons")
     augment: bool = option(True, "random crop (pad 4) + horizontal flip of image batches while unlearning and relearning (BackdoorBench's training transform)")
     head: str | None = option(None, "dotted path of the classifier head (default: the last nn.Linear with one output per class)")
     # relearning
@@ -48,7 +65,12 @@ class ULRLConfig:
                        "unlearn_clip", "z_threshold", "max_neurons", "reinit_class_weight")
         check_non_negative(self, "unlearn_momentum", "unlearn_weight_decay", "relearn_momentum",
                            "relearn_weight_decay", "alpha", "min_clean_per_class", "unlearn_gamma")
-        check_fraction(self, "unlearn_stop_acc")
+        check_fraction(self, "unlearn_stop_acc", "unlearn_stop_margin", "feeding_max_fraction")
+        check(self.head_min_classes >= 2, "head_min_classes", self.head_min_classes, ">= 2", name)
+        check(self.unlearn_stop_rule in ("auto", "absolute", "chance"), "unlearn_stop_rule", self.unlearn_stop_rule,
+              "'auto', 'absolute' or 'chance'", name)
+        check(self.neurons in ("auto", "head", "feeding"), "neurons", self.neurons, "'auto', 'head' or 'feeding'", name)
+        check(self.optimizer in ("sgd", "adamw"), "optimizer", self.optimizer, "'sgd' or 'adamw'", name)
         check(self.relearn_clip is None or self.relearn_clip > 0, "relearn_clip", self.relearn_clip, "> 0 or null", name)
         check(all(m > 0 for m in self.unlearn_milestones) and list(self.unlearn_milestones) == sorted(self.unlearn_milestones),
               "unlearn_milestones", self.unlearn_milestones, "increasing positive epochs", name)
@@ -78,4 +100,35 @@ PRESETS: dict[str, dict[str, Any]] = {
     "kept": {"penalty": "positive", "relearn_lr": 0.02, "reinit_class_weight": 1.5},
     # the penalty change alone (the first refinement): ASR <= 0.15, but loses 5-53 recall points
     "orthogonal": {"penalty": "positive"},
+    # few-class tasks (2-5 classes, docs/ulrl.md): the paper's recipe with a chance-relative stop rule and,
+    # below 10 classes, the neurons feeding the head scored instead of the head rows
+    "few-class": {"neurons": "auto", "unlearn_stop_rule": "auto"},
+    # pretrained transformer encoders (SPEC section 5: the CIFAR SGD recipe does nothing or collapses them):
+    # AdamW at finetuning learning rates, small batches, no image augmentation, the few-class rules
+    "encoder": {"optimizer": "adamw", "batch_size": 16, "augment": False, "unlearn_lr": 5e-5,
+                "unlearn_weight_decay": 0.0, "relearn_lr": 5e-5, "relearn_weight_decay": 0.01, "relearn_epochs": 10,
+                "penalty": "positive", "neurons": "auto", "unlearn_stop_rule": "auto"},
 }
+
+
+def stop_accuracy(cfg: ULRLConfig, num_classes: int) -> float:
+    """The unlearning stop threshold for ``num_classes`` classes under ``cfg.unlearn_stop_rule`` (pure).
+
+    absolute: ``unlearn_stop_acc``; chance: ``1/K + margin * (1 - 1/K)``, which is 0.2 at K = 10 with
+    the default margin 1/9, and 0.556 / 0.333 / 0.289 at K = 2 / 4 / 5 (above chance, reachable by a
+    model that collapsed onto one class); auto: the larger of the two.
+    """
+    chance = 1.0 / max(int(num_classes), 1)
+    relative = chance + cfg.unlearn_stop_margin * (1.0 - chance)
+    if cfg.unlearn_stop_rule == "absolute":
+        return cfg.unlearn_stop_acc
+    if cfg.unlearn_stop_rule == "chance":
+        return relative
+    return max(cfg.unlearn_stop_acc, relative)
+
+
+def scored_layer(cfg: ULRLConfig, num_classes: int) -> str:
+    """``head`` or ``feeding``: which neurons ULRL scores for a ``num_classes``-class model."""
+    if cfg.neurons != "auto":
+        return cfg.neurons
+    return "head" if num_classes >= cfg.head_min_classes else "feeding"
