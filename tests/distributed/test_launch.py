@@ -14,9 +14,10 @@ any CPU instruction set (AVX-512, AVX2, the portable kernels):
   target row is a clear outlier (z about 10, threshold 3.5), the unlearning stop epoch (every epoch's
   accuracy well away from the 0.2 threshold), the backdoor removed in both runs.
 
-Measured on AVX-512, AVX2 and default kernels: one-process vs two-process epoch losses differ by up
-to 4e-4 (relative) after five epochs and neuron scores by up to 60% on the unselected rows, which is
-why those are not compared.
+Measured on AVX-512, AVX2 and default kernels (one machine): step 1 within 5.4e-8; after five epochs
+the one- vs two-process epoch losses differ by up to 1.3e-3 (relative) and the neuron scores by up
+to 68%, which is why those are not compared; the selected row was 0 in every run (its z 9.5 to 29.5,
+every other row <= 2.4), the stop epoch 2 in every run (epoch accuracies 0.325-0.4, then <= 0.044).
 """
 from __future__ import annotations
 
