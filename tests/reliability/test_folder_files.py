@@ -51,6 +51,14 @@ def sharded(tmp_path, saved_lm) -> Path:
     return folder
 
 
+def _copy_with_link_out(src: Path, dst: Path, name: str, outside: Path) -> Path:
+    """A copy of folder ``src`` whose file ``name`` was moved to ``outside`` and replaced by a link to it."""
+    shutil.copytree(src, dst)
+    (dst / name).rename(outside)
+    (dst / name).symlink_to(outside)
+    return dst
+
+
 def _point_index(folder: Path, index: str, new_name: str) -> None:
     data = json.loads((folder / index).read_text())
     first = sorted(data["weight_map"])[0]
@@ -116,11 +124,7 @@ def test_pickled_shards_named_by_an_index_are_scanned_and_never_run(tmp_path, sa
 
 
 def test_a_weights_symlink_leading_out_of_the_folder_is_refused(tmp_path, saved_lm, tally):
-    folder = tmp_path / "linked"
-    shutil.copytree(saved_lm, folder)
-    outside = tmp_path / "elsewhere.safetensors"
-    (folder / "model.safetensors").rename(outside)
-    (folder / "model.safetensors").symlink_to(outside)
+    folder = _copy_with_link_out(saved_lm, tmp_path / "linked", "model.safetensors", tmp_path / "elsewhere.safetensors")
     with pytest.raises(UnsafeFileError, match="is a link to"):
         load_causal_lm(folder)
     tally("bad_input_cases")
@@ -212,11 +216,8 @@ def test_training_args_bin_is_never_unpickled_on_resume(tmp_path, trainer_checkp
 
 
 def test_a_checkpoint_symlink_or_damaged_state_is_refused(tmp_path, trainer_checkpoint):
-    ckpt = tmp_path / "checkpoint-2"
-    shutil.copytree(trainer_checkpoint, ckpt)
     outside = tmp_path / "opt-elsewhere.pt"
-    (ckpt / "optimizer.pt").rename(outside)
-    (ckpt / "optimizer.pt").symlink_to(outside)
+    ckpt = _copy_with_link_out(trainer_checkpoint, tmp_path / "checkpoint-2", "optimizer.pt", outside)
     with pytest.raises(UnsafeFileError, match="outside the model folder"):
         check_checkpoint_dir(ckpt)
     (ckpt / "optimizer.pt").unlink()
