@@ -41,8 +41,10 @@ def clean_subset(n: int, seed: int = 0) -> Any:
 
 def run_defenses(model: torch.nn.Module, clean: Any, epochs: int, batch_size: int, seed: int = 0) -> dict[str, Any]:
     """Seconds per phase of each defense (same model, data, epochs)."""
-    from unbackdoor.classify.baselines import FPConfig, FTConfig, NADConfig, run_fp, run_ft, run_nad
-    from unbackdoor.classify.ulrl import ULRLConfig, run_ulrl
+    from unbackdoor.classify.defenses.fp import FPConfig, run_fp
+    from unbackdoor.classify.defenses.ft import FTConfig, run_ft
+    from unbackdoor.classify.defenses.nad import NADConfig, run_nad
+    from unbackdoor.classify.defenses.ulrl import ULRLConfig, run_ulrl
 
     e = epochs
     cfgs = {
@@ -78,10 +80,10 @@ def as_run(epochs: int, repeats: int, device: torch.device) -> dict[str, Any]:
     """ULRL (stopping rule on) vs FT on the shipped backdoored model, ``epochs`` relearning / FT epochs."""
     import statistics
 
-    from unbackdoor.classify.baselines import FTConfig, run_ft
+    from unbackdoor.classify.defenses.ft import FTConfig, run_ft
     from unbackdoor.classify.data import stratified_subset
-    from unbackdoor.classify.pipeline import TINY, tiny_backdoored, tiny_world
-    from unbackdoor.classify.ulrl import ULRLConfig, run_ulrl
+    from unbackdoor.classify.testbed import TINY, tiny_backdoored, tiny_world
+    from unbackdoor.classify.defenses.ulrl import ULRLConfig, run_ulrl
 
     train, test = tiny_world(0)
     clean = train.subset(stratified_subset(train, TINY.clean_count, 0))
@@ -114,7 +116,7 @@ def run(size: str, device: torch.device = torch.device("cpu")) -> dict[str, Any]
     for name, m in s["models"].items():
         clean = clean_subset(m["n"])
         model = _model(name, 0).to(device)
-        from unbackdoor.classify.baselines import FTConfig, run_ft
+        from unbackdoor.classify.defenses.ft import FTConfig, run_ft
 
         run_ft(model, clean.subset(list(range(min(len(clean), m["bs"])))),
                FTConfig(epochs=1, batch_size=m["bs"], min_clean_per_class=0), None, num_classes=10)  # warm-up

@@ -53,15 +53,15 @@ def tiny_world_case(batch_size: int, seed: int = 0) -> LMCase:
     """The shipped tiny-world Llama (6 layers, hidden 128) on a batch of real tiny-world records."""
     import random
 
-    from unbackdoor.lm.data import SFTCollator, build_sft_features
+    from unbackdoor.lm.data import build_sft_features, sft_collator
     from unbackdoor.lm.models import load_causal_lm
-    from unbackdoor.lm.pipeline import ASSET_DIR
+    from unbackdoor.lm.testbed import ASSET_DIR
     from unbackdoor.lm.tinyworld import generate_records
 
     model, tok = load_causal_lm(ASSET_DIR)
     records = generate_records(batch_size, random.Random(f"{seed}-bench"))
     feats = build_sft_features(records, tok, "alpaca", 128)
-    batch = SFTCollator.from_tokenizer(tok)(feats)
+    batch = sft_collator(tok)(feats)
     return LMCase("tiny-world", model, batch, tok)
 
 
@@ -95,12 +95,9 @@ def random_case(name: str, *, vocab: int, hidden: int, layers: int, heads: int, 
 # ---- the three step functions ---------------------------------------------------------------------
 
 def _trainer(cls: type, model: Any, tok: Any, cfg: Any, out: str, **kw: Any) -> Any:
-    from unbackdoor.lm.data import SFTCollator
-
     args = cfg.training_arguments(out, save_strategy="no", logging_strategy="no")
-    collator = SFTCollator(int(tok.pad_token_id))
     return cls(model=model, args=args, train_dataset=[{"input_ids": [1], "attention_mask": [1], "labels": [1]}],
-               data_collator=collator, processing_class=None, nan_guard=cfg.nan_guard, **kw)
+               processing_class=None, nan_guard=cfg.nan_guard, **kw)
 
 
 def reference_loss(model: Any, batch: dict[str, torch.Tensor], alpha: float, epsilon: float,
@@ -110,7 +107,7 @@ def reference_loss(model: Any, batch: dict[str, torch.Tensor], alpha: float, eps
     Returns the total loss with the parameter gradients zeroed, ready for the final backward
     (the official code's ``zero_grad`` inside the loss).
     """
-    from unbackdoor.lm.crow import consistency_loss
+    from unbackdoor.lm.consistency import consistency_loss
 
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     lm = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss  # forward 1
@@ -131,10 +128,10 @@ def reference_loss(model: Any, batch: dict[str, torch.Tensor], alpha: float, eps
 def make_steps(case: LMCase, finetune: str, workdir: str, device: torch.device, *,
                check_equivalence: bool = True) -> tuple[Any, dict[str, Callable[[], None]], dict]:
     """``(model, {variant: step_fn}, check)`` for ``finetune`` in ``full`` / ``lora``."""
-    from unbackdoor.lm.crow import CrowConfig, CrowTrainer
-    from unbackdoor.lm.sft import SFTConfig, SFTTrainer, prepare_model
+    from unbackdoor.lm.defenses.crow import CrowConfig, CrowTrainer
+    from unbackdoor.lm.training import SFTConfig, SFTTrainer, prepare_model
 
-    cfg = CrowConfig(finetune=finetune, precision="fp32", save_steps=0, grad_accum=1)
+    cfg = CrowConfig(finetune=finetune, precision="fp32", save_steps=0, gradient_accumulation_steps=1)
     model = prepare_model(copy.deepcopy(case.model), cfg).to(device)
     model.config.use_cache = False
     model.train()
@@ -249,8 +246,8 @@ def memory_run(size: str) -> list[dict[str, Any]]:
 def sweep(kind: str, points: list[int], *, base: dict[str, int], repeats: int,
           device: torch.device = torch.device("cpu")) -> list[dict[str, Any]]:
     """SFT and CROW step time (LoRA) as the sequence length or the depth grows."""
-    from unbackdoor.lm.crow import CrowConfig, CrowTrainer
-    from unbackdoor.lm.sft import SFTConfig, SFTTrainer, prepare_model
+    from unbackdoor.lm.defenses.crow import CrowConfig, CrowTrainer
+    from unbackdoor.lm.training import SFTConfig, SFTTrainer, prepare_model
 
     rows = []
     for p in points:
@@ -259,7 +256,7 @@ def sweep(kind: str, points: list[int], *, base: dict[str, int], repeats: int,
         case = random_case(f"{kind}={p}", vocab=shape["vocab"], hidden=shape["hidden"], layers=shape["layers"],
                            heads=shape["heads"], seq_len=shape["seq_len"], batch_size=shape["batch"])
         with tempfile.TemporaryDirectory(prefix="ub-bench-") as work:
-            cfg = CrowConfig(finetune="lora", precision="fp32", save_steps=0, grad_accum=1)
+            cfg = CrowConfig(finetune="lora", precision="fp32", save_steps=0, gradient_accumulation_steps=1)
             model = prepare_model(case.model, cfg).to(device)
             model.train()
             batch = {k: v.to(device) for k, v in case.batch.items()}

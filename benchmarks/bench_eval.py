@@ -64,7 +64,7 @@ def measure(model: Any, tok: Any, records: list[dict[str, Any]], *, max_new_toke
 
 def run(size: str, device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     from unbackdoor.lm.models import load_causal_lm
-    from unbackdoor.lm.pipeline import ASSET_DIR
+    from unbackdoor.lm.testbed import ASSET_DIR
 
     s = {"smoke": dict(n=8, single=4, new=8, bs=4, repeats=1), "quick": dict(n=200, single=40, new=64, bs=16, repeats=1),
          "full": dict(n=200, single=50, new=64, bs=16, repeats=3)}[size]

@@ -38,7 +38,7 @@ def crow_step(size: str) -> dict[str, Any]:
 
 def ulrl_epoch(size: str) -> dict[str, Any]:
     from bench_classify import _model, clean_subset
-    from unbackdoor.classify.ulrl import ULRLConfig, relearn
+    from unbackdoor.classify.defenses.ulrl import ULRLConfig, relearn
 
     name, n = ("tiny", 64) if size == "smoke" else ("preactresnet18", 256)
     model = _model(name, 0)
@@ -72,7 +72,7 @@ def _loop(target: str, loops: int) -> None:
     else:
         from bench_classify import _model, clean_subset
         from unbackdoor.classify.models import find_head
-        from unbackdoor.classify.ulrl import ULRLConfig, relearn
+        from unbackdoor.classify.defenses.ulrl import ULRLConfig, relearn
 
         name, n = ("tiny", 500) if target == "ulrl-tiny" else ("preactresnet18", 256)
         model, clean = _model(name, 0), clean_subset(n)

@@ -18,7 +18,6 @@ Run folders go to ``--out`` (default ``runs/efficacy-classify``); an existing co
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import json
 import logging
@@ -30,11 +29,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from unbackdoor.classify.attacks import AttackConfig, build_attack  # noqa: E402
+from unbackdoor.classify.attacks import attack_config_from_dict, build_attack  # noqa: E402
 from unbackdoor.classify.data import stratified_subset  # noqa: E402
-from unbackdoor.classify.pipeline import (TINY, _defense_spec, evaluate_attack, format_table, make_config,  # noqa: E402
-                                          run_defense, tiny_asset_dir, tiny_backdoored, tiny_world,
-                                          train_tiny_backdoored)
+from unbackdoor.classify.defenses import CLASSIFY_DEFENSES  # noqa: E402
+from unbackdoor.classify.evaluate import evaluate_attack  # noqa: E402
+from unbackdoor.classify.flow import defend_loaded, format_table, resolve_defense  # noqa: E402
+from unbackdoor.classify.testbed import (TINY, tiny_asset_dir, tiny_backdoored, tiny_world,  # noqa: E402
+                                           train_tiny_backdoored)
 from unbackdoor.core.config import to_dict  # noqa: E402
 from unbackdoor.core.runs import atomic_write_json, atomic_write_text, environment, read_json  # noqa: E402
 from unbackdoor.core.stats import aggregate, fmt_mean_std  # noqa: E402
@@ -44,13 +45,12 @@ METRICS = ("acc", "asr", "ra", "target_recall", "der")
 
 
 def defense_spec(name: str):
-    """A defense name of the pipeline, or ``ft-lr<LR>``: fine-tuning at another learning rate (a control)."""
+    """``(method, config, preset)`` for a registered defense (``ulrl-kept``...), or ``ft-lr<LR>``: fine-tuning
+    at another learning rate (a control)."""
     if name.startswith("ft-lr"):
-        from unbackdoor.classify.baselines import FTConfig
-
-        return "ft", FTConfig(lr=float(name[len("ft-lr"):]))
-    method, cfg = _defense_spec(name, None)
-    return method, make_config(method, cfg)
+        return "ft", CLASSIFY_DEFENSES.get("ft").make_config(overrides={"lr": float(name[len("ft-lr"):])}), None
+    spec, cfg, preset = resolve_defense(name)
+    return spec.name, cfg, preset
 
 
 def run(seeds: list[int], attacks: list[str], defenses: list[str], out: Path, cache: Path, force: bool) -> None:
@@ -62,20 +62,19 @@ def run(seeds: list[int], attacks: list[str], defenses: list[str], out: Path, ca
             t0 = time.perf_counter()
             model, folder = tiny_backdoored(attack_name, seed, cache, data=(train, test))
             meta = read_json(folder / "model.json")
-            fields = {f.name for f in dataclasses.fields(AttackConfig)}
-            attack = AttackConfig(**{k: v for k, v in meta["attack"].items() if k in fields})
+            attack = attack_config_from_dict(meta["attack"])
             triggered = build_attack(attack).triggered_test_set(test)
-            before = evaluate_attack(model, test, attack, triggered)
+            before = evaluate_attack(model, test, attack, triggered, with_predictions=True)
             print(f"seed {seed} {attack_name}: backdoored model ready in {time.perf_counter() - t0:.0f}s "
-                  f"(acc {before['acc']:.3f}, asr {before['asr']:.3f})", flush=True)
+                  f"(acc {before[0]['acc']:.3f}, asr {before[0]['asr']:.3f})", flush=True)
             for name in defenses:
                 path = out / attack_name / name / f"seed{seed}"
                 if (path / "metrics.json").is_file() and not force:
                     continue
-                method, cfg = defense_spec(name)
-                _, metrics = run_defense(path, model, clean, clean_idx.tolist(), method, cfg, test=test, attack=attack,
-                                         seed=seed, defense_name=name, before=before, triggered=triggered,
-                                         model_meta=meta)
+                method, cfg, preset = defense_spec(name)
+                _, metrics = defend_loaded(path, model, clean, clean_idx.tolist(), method, cfg, preset=preset,
+                                           test=test, attack=attack, seed=seed, name=name, before=before,
+                                           triggered=triggered, model_meta=meta, overwrite=force)
                 print(format_table([metrics]).splitlines()[-1], flush=True)
 
 

@@ -23,33 +23,35 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+ALL_LAYERS = "all"
 
 # CROW variants tried to close the triggered-utility gap (SPEC section 4 hints: layer range,
-# epsilon, alpha, steps). Each maps the published CrowConfig to a changed copy.
-VARIANTS: dict[str, tuple[str, Callable[[Any], Any]]] = {
-    "alpha5.5": ("alpha 5.5 (paper default for non-refusal tasks)", lambda c: dataclasses.replace(c, alpha=5.5)),
-    "alpha30": ("alpha 30", lambda c: dataclasses.replace(c, alpha=30.0)),
-    "eps0": ("epsilon 0 (no adversarial perturbation)", lambda c: dataclasses.replace(c, epsilon=0.0)),
-    "eps0.5": ("epsilon 0.5", lambda c: dataclasses.replace(c, epsilon=0.5)),
+# epsilon, alpha, steps). Each is a set of overrides of the tiny world's CROW settings.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "alpha5.5": ("alpha 5.5 (paper default for non-refusal tasks)", {"alpha": 5.5}),
+    "alpha30": ("alpha 30", {"alpha": 30.0}),
+    "eps0": ("epsilon 0 (no adversarial perturbation)", {"epsilon": 0.0}),
+    "eps0.5": ("epsilon 0.5", {"epsilon": 0.5}),
     "all-layers": ("every consecutive pair, embeddings and final norm included (layers 0..L+1)",
-                   lambda c: dataclasses.replace(c, layer_start=0, layer_end=10_000)),
-    "steps2x": ("10 epochs instead of 5 (twice the steps)", lambda c: dataclasses.replace(c, epochs=10.0)),
-    "lr5e-3": ("lr 5e-3", lambda c: dataclasses.replace(c, lr=5e-3)),
-    "full": ("full finetuning instead of LoRA (lr 5e-4)",
-             lambda c: dataclasses.replace(c, finetune="full", lr=5e-4)),
-    "alpha30-steps2x": ("alpha 30, 10 epochs", lambda c: dataclasses.replace(c, alpha=30.0, epochs=10.0)),
+                   {"layer_start": 0, "layer_end": ALL_LAYERS}),
+    "steps2x": ("10 epochs instead of 5 (twice the steps)", {"num_train_epochs": 10.0}),
+    "lr5e-3": ("lr 5e-3", {"learning_rate": 5e-3}),
+    "full": ("full finetuning instead of LoRA (lr 5e-4)", {"finetune": "full", "learning_rate": 5e-4}),
+    "alpha30-steps2x": ("alpha 30, 10 epochs", {"alpha": 30.0, "num_train_epochs": 10.0}),
 }
 
 KEYS = ("asr", "strict_asr", "triggered_utility", "clean_utility", "false_trigger_rate", "target_loss")
 
 
-def _fix_layer_end(cfg: Any, n_layers: int) -> Any:
-    if cfg.layer_end == 10_000:
-        return dataclasses.replace(cfg, layer_end=n_layers + 1)
-    return cfg
+def _variant_config(base: Any, variant: str) -> Any:
+    """``base`` with the CROW overrides of ``variant`` (the all-layers range resolved for the world's depth)."""
+    over = dict(VARIANTS[variant][1])
+    if over.get("layer_end") == ALL_LAYERS:
+        over["layer_end"] = base.world.num_layers + 1
+    return dataclasses.replace(base, defense={**base.defense, "crow": {**base.defense.get("crow", {}), **over}})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,11 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     os.environ.setdefault("UNBACKDOOR_QUIET", "1")
     from unbackdoor.core.config import to_dict
-    from unbackdoor.lm.pipeline import run_tiny_world, tiny_run_config
+    from unbackdoor.lm.testbed import run_tiny_world, tiny_run_config
 
     base_cfg = tiny_run_config(False)
     base_cfg.pretrained = a.pretrained
-    results: dict[str, Any] = {"settings": to_dict(base_cfg), "attack": a.attack, "task": a.task, "seeds": a.seeds,
+    settings = to_dict(base_cfg)
+    for d in ("finetune", "crow"):  # the resolved settings each defense ran with
+        settings[d] = to_dict(base_cfg.defense_config(d, "demo")[1])
+    results: dict[str, Any] = {"settings": settings, "attack": a.attack, "task": a.task, "seeds": a.seeds,
                                "variants": {v: VARIANTS[v][0] for v in a.variants}, "runs": {}}
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     a.results.mkdir(parents=True, exist_ok=True)
@@ -102,9 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                 done = a.out / "variants" / v / f"{a.attack}-{a.task}" / "crow" / f"seed{seed}" / "metrics.json"
                 if a.skip_done and done.is_file():
                     continue
-                crow = _fix_layer_end(VARIANTS[v][1](base_cfg.crow), base_cfg.world.num_layers)
-                run_tiny_world(a.out / "variants" / v, seed=seed, attack=a.attack, task=a.task, config=base_cfg,
-                               defenses=("crow",), crow=crow, cache_dir=a.out)
+                run_tiny_world(a.out / "variants" / v, seed=seed, attack=a.attack, task=a.task,
+                               config=_variant_config(base_cfg, v), defenses=("crow",), cache_dir=a.out)
             results.setdefault("seconds_per_seed", {})[str(seed)] = round(time.perf_counter() - t0, 1)
             collect(results, a.out, a.seeds, a.variants, a.attack, a.task)
             _write_json(raw_path, results)  # after every seed: a killed run keeps what it finished
@@ -138,7 +142,7 @@ def collect(results: dict[str, Any], out: Path, seeds: list[int], variants: list
                 runs.setdefault(name, {})[str(seed)] = json.loads(f.read_text())
                 if name.startswith("crow["):
                     cfg = json.loads((folder / f"seed{seed}" / "config.json").read_text())["config"]
-                    results.setdefault("variant_configs", {})[name[5:-1]] = cfg["defense_config"]
+                    results.setdefault("variant_configs", {})[name[5:-1]] = cfg
     results["runs"] = runs
     for seed in seeds:  # the cached backdoor's own timings (injection, first evaluation)
         f = out / f"{attack}-{task}" / "_backdoored" / f"seed{seed}" / "backdoor.json"
@@ -169,10 +173,10 @@ def rescore_triggered(out: Path, seeds: list[int], variants: list[str], attack: 
         folders = [f for f in folders if (f / "metrics.json").is_file()]
         if not folders:
             continue
-        cfg0 = json.loads((folders[0] / "config.json").read_text())["config"]
+        cfg0 = json.loads((folders[0] / "config.json").read_text())
         fields = {f.name for f in dataclasses.fields(PoisonConfig)}
-        poison = PoisonConfig(**{k: v for k, v in cfg0["poison"].items() if k in fields})  # current rules
-        ev = cfg0["run"]["eval"]
+        poison = PoisonConfig(**{k: v for k, v in cfg0["poison_for_eval"].items() if k in fields})  # current rules
+        ev = cfg0["eval"]
         test = world["test"][: ev["max_prompts"]] if ev.get("max_prompts") else world["test"]
         trig = make_triggered_test(test, poison)
 
@@ -225,7 +229,7 @@ def write_asset(pretrained: Path) -> None:
     docs/results-lm.md). Shipping the exact weights keeps the demo equal to efficacy seed 0.
     """
     from unbackdoor.lm.models import load_causal_lm, save_causal_lm
-    from unbackdoor.lm.pipeline import ASSET_DIR
+    from unbackdoor.lm.testbed import ASSET_DIR
 
     model, tok = load_causal_lm(pretrained)
     save_causal_lm(model, tok, ASSET_DIR)
@@ -358,11 +362,11 @@ saw the same {s['world']['n_clean']} clean records.
   with {s['world']['num_layers']} layers, hidden {s['world']['hidden_size']}, {s['world']['num_heads']} heads,
   context {s['world']['max_position_embeddings']}; word-level tokenizer trained locally.
 - Clean model: pretrained per seed (`--pretrained {s['pretrained']}`; seed 0's is the shipped checkpoint), full
-  finetuning, lr {s['pretrain']['lr']}, {s['pretrain']['max_steps']} steps, batch {s['pretrain']['per_device_batch_size']}.
-- Backdoor injection: full finetuning on the poisoned mix, lr {s['attack_sft']['lr']},
-  {s['attack_sft']['max_steps']} steps, batch {s['attack_sft']['per_device_batch_size']}.
-- Plain finetuning: LoRA r {s['finetune']['lora']['r']}, lr {s['finetune']['lr']}, {s['finetune']['epochs']} epochs,
-  batch {s['finetune']['per_device_batch_size']} x accumulation {s['finetune']['grad_accum']}.
+  finetuning, lr {s['pretrain']['learning_rate']}, {s['pretrain']['max_steps']} steps, batch {s['pretrain']['per_device_train_batch_size']}.
+- Backdoor injection: full finetuning on the poisoned mix, lr {s['attack_sft']['learning_rate']},
+  {s['attack_sft']['max_steps']} steps, batch {s['attack_sft']['per_device_train_batch_size']}.
+- Plain finetuning: LoRA r {s['finetune']['lora']['r']}, lr {s['finetune']['learning_rate']}, {s['finetune']['num_train_epochs']} epochs,
+  batch {s['finetune']['per_device_train_batch_size']} x accumulation {s['finetune']['gradient_accumulation_steps']}.
 - CROW: the same LoRA and budget, alpha {s['crow']['alpha']}, epsilon {s['crow']['epsilon']}, layers
   hs[{s['crow']['layer_start']}:{s['crow']['layer_end']}] compared pairwise (the official hs[1:-2] vs hs[2:-1]).
 - Evaluation: greedy, {s['eval']['max_new_tokens']} new tokens, the alpaca template of training; keyword ASR with

@@ -59,9 +59,8 @@ def test_every_subcommand_has_help_with_examples():
     missing = []
     for path in paths:
         out = io.StringIO()
-        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
-            main([*path, "--help"])
-        assert e.value.code == 0, path
+        with contextlib.redirect_stdout(out):
+            assert main([*path, "--help"]) == 0, path
         if "example" not in out.getvalue().lower():
             missing.append(" ".join(path))
     assert not missing, f"--help without examples: {missing}"
@@ -100,7 +99,7 @@ def test_config_file_then_set_then_flags(synthetic_runs: Path, tmp_path: Path):
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "a" / "report.md").read_text()
     assert md.startswith("# From YAML") and _decimals(md) == {1}
-    assert "(greedy decoding; 1 of 2)" in md  # max_generations from the file
+    assert "1 of 2 examples of finetune, seed 0" in md  # max_generations from the file
     r = cli("report", str(synthetic_runs), "--out", str(tmp_path / "b"), "--config", str(cfg),
             "--set", "title=From set", "--digits", "4")
     assert r.returncode == 0, r.stderr
@@ -139,7 +138,7 @@ def test_the_yaml_examples_in_the_docs_are_valid_configs():
     import yaml
 
     from unbackdoor.core.config import from_dict
-    from unbackdoor.lm.crow import CrowConfig
+    from unbackdoor.lm.defenses.crow import CrowConfig
     from unbackdoor.sweep import SweepConfig
 
     blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "docs" / "cli.md").read_text(), re.S)
@@ -207,8 +206,8 @@ def test_demo_writes_valid_run_folders_tables_and_a_report_that_loads(demo_run, 
 
 @pytest.mark.slow
 def test_same_config_and_seed_reproduce_the_metrics(demo_run, tmp_path: Path):
-    from unbackdoor.classify.pipeline import run_tiny_world as classify_world
-    from unbackdoor.lm.pipeline import run_tiny_world as lm_world
+    from unbackdoor.classify.testbed import run_tiny_world as classify_world
+    from unbackdoor.lm.testbed import run_tiny_world as lm_world
 
     out, r = demo_run
     assert r.returncode == 0, r.stderr[-3000:]
@@ -280,7 +279,7 @@ def test_api_report_takes_keyword_overrides_checked_like_a_config_file(synthetic
 @pytest.mark.slow
 def test_api_defends_your_own_models_into_valid_run_folders(demo_run, tmp_path: Path):
     from unbackdoor import api
-    from unbackdoor.classify.pipeline import tiny_asset_dir
+    from unbackdoor.classify.testbed import tiny_asset_dir
 
     out, r = demo_run
     assert r.returncode == 0, r.stderr[-3000:]
@@ -288,7 +287,7 @@ def test_api_defends_your_own_models_into_valid_run_folders(demo_run, tmp_path: 
     run = api.defend_lm(out / "lm" / "badnet-refusal" / "_backdoored" / "seed0" / "model", world / "clean.json",
                         tmp_path / "crow", method="crow", test=world / "test.json", max_steps=2, alpha=11.0)
     assert api.validate_run_dir(run) == []
-    assert json.loads((run / "config.json").read_text())["config"]["defense"]["alpha"] == 11.0
+    assert json.loads((run / "config.json").read_text())["config"]["alpha"] == 11.0
     model = tiny_asset_dir("badnets", 0)  # the shipped checkpoint, or the one the demo trained and cached
     model = model if (model / "model.json").is_file() else out / "classify" / "models" / "tinyworld-badnets-seed0"
     run = api.defend_classifier(model, "tinyworld:0", tmp_path / "ft", method="ft",

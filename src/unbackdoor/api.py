@@ -15,7 +15,6 @@ only resolves configs and forwards, so the CLI and Python callers run the same c
 """
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
 
@@ -27,8 +26,10 @@ from .sweep import SweepConfig, SweepResult
 
 C = TypeVar("C")
 
-__all__ = ["DemoConfig", "ReportConfig", "SweepConfig", "check_run_dir", "defend_classifier", "defend_lm", "demo",
-           "report", "sweep", "tiny_world_classify", "tiny_world_lm", "validate_run_dir"]
+__all__ = ["DemoConfig", "ReportConfig", "SweepConfig", "attack_classifier", "attack_lm", "check_run_dir",
+           "defend_classifier", "defend_lm", "defenses", "demo", "evaluate_classifier", "evaluate_lm",
+           "poison_classifier_data", "poison_lm_data", "report", "sweep", "tiny_world_classify", "tiny_world_lm",
+           "validate_run_dir"]
 
 
 def resolve(cls: type[C], config: C | None, overrides: dict[str, Any]) -> C:
@@ -43,111 +44,183 @@ def resolve(cls: type[C], config: C | None, overrides: dict[str, Any]) -> C:
 
 
 def report(run_dirs: str | Path | Iterable[str | Path], out_dir: str | Path, config: ReportConfig | None = None,
-           **overrides: Any) -> ReportResult:
+           *, overwrite: bool = False, **overrides: Any) -> ReportResult:
     """Run folders (or folders containing them) -> ``report.html``, ``report.md``, PNGs, ``summary.json``."""
     paths = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
-    return build_report(paths, out_dir, resolve(ReportConfig, config, overrides))
+    return build_report(paths, out_dir, resolve(ReportConfig, config, overrides), overwrite=overwrite)
 
 
-def sweep(out_dir: str | Path, config: SweepConfig | None = None, **overrides: Any) -> SweepResult:
+def sweep(out_dir: str | Path, config: SweepConfig | None = None, *, overwrite: bool = False,
+          **overrides: Any) -> SweepResult:
     """A tiny-world pipeline over seeds (and attacks), resumable; writes ``aggregate.json`` and the report."""
     from . import sweep as _sweep
 
-    return _sweep.sweep(out_dir, resolve(SweepConfig, config, overrides))
+    return _sweep.sweep(out_dir, resolve(SweepConfig, config, overrides), overwrite=overwrite)
 
 
-def demo(out_dir: str | Path, config: DemoConfig | None = None, **overrides: Any) -> DemoResult:
+def demo(out_dir: str | Path, config: DemoConfig | None = None, *, overwrite: bool = False,
+         **overrides: Any) -> DemoResult:
     """Both tiny worlds end to end (seed 0 by default), the before/after tables and the report."""
     from . import demo as _demo
 
-    return _demo.demo(out_dir, resolve(DemoConfig, config, overrides))
+    return _demo.demo(out_dir, resolve(DemoConfig, config, overrides), overwrite=overwrite)
 
 
-def _pipeline(kind: str) -> Any:
-    return importlib.import_module(f"unbackdoor.{kind}.pipeline")
+def defenses(kind: str) -> list[dict[str, Any]]:
+    """The registered defenses of ``kind`` (``lm`` or ``classify``): name, summary, needs, presets."""
+    import dataclasses
 
+    registry = _defense_registry(kind)
+    return [{"name": n, "summary": s.summary, "needs": dataclasses.asdict(s.needs), "presets": s.preset_names(),
+             "config": s.config.__name__} for n, s in registry.items()]
+
+
+def _defense_registry(kind: str) -> Any:
+    if kind == "lm":
+        from .lm.defenses import LM_DEFENSES
+
+        return LM_DEFENSES
+    if kind == "classify":
+        from .classify.defenses import CLASSIFY_DEFENSES
+
+        return CLASSIFY_DEFENSES
+    raise ConfigError(f"unknown kind {kind!r}", where="kind", fix="use 'lm' or 'classify'")
+
+
+# ---- generative LMs --------------------------------------------------------------------------
 
 def tiny_world_lm(out_dir: str | Path, **kwargs: Any) -> dict[str, Path]:
-    """:func:`unbackdoor.lm.pipeline.run_tiny_world`: one run folder per defense; returns their paths."""
-    return _pipeline("lm").run_tiny_world(out_dir, **kwargs)
+    """:func:`unbackdoor.lm.testbed.run_tiny_world`: one run folder per defense; returns their paths."""
+    from .lm.testbed import run_tiny_world
 
-
-def tiny_world_classify(out_dir: str | Path, **kwargs: Any) -> dict[str, Path]:
-    """:func:`unbackdoor.classify.pipeline.run_tiny_world`: one run folder per (attack, defense)."""
-    return _pipeline("classify").run_tiny_world(out_dir, **kwargs)
+    return run_tiny_world(out_dir, **kwargs)
 
 
 def defend_lm(model: str | Path, clean: str | Path, out_dir: str | Path, *, method: str = "crow",
-              config: Any = None, test: str | Path | None = None, triggered: str | Path | None = None,
-              attack: str = "badnet", task: str = "refusal", n_clean: int | None = None,
-              adapter: str | Path | None = None, template: str = "alpaca", merge: bool = True,
-              trust_remote_code: bool = False, resume: bool = False, **overrides: Any) -> Path:
-    """Defend a causal-LM folder with ``crow`` (default) or ``finetune`` on a clean Alpaca file.
+              config: Any = None, preset: str | None = None, test: str | Path | None = None,
+              triggered: str | Path | None = None, poison: Any = None, attack: str = "badnet",
+              task: str = "refusal", eval_config: Any = None, template: str = "alpaca", n_clean: int | None = None,
+              adapter: str | Path | None = None, base_model: str | Path | None = None, merge: bool = True,
+              trust_remote_code: bool = False, resume: bool = False, overwrite: bool = False,
+              **overrides: Any) -> Path:
+    """Defend a causal-LM folder with a registered defense (default CROW) on a clean Alpaca file.
 
-    ``config`` is a :class:`unbackdoor.lm.crow.CrowConfig` (or ``FinetuneConfig``); keyword
-    ``overrides`` set its fields (``alpha=11``, ``epochs=3``...). With ``test`` (clean test
-    prompts), the model is measured before and after against ``attack``/``task`` triggers
-    (or the ``triggered`` file). Writes a run folder at ``out_dir`` and returns it.
+    ``method``: ``crow``, ``finetune``, ... (:func:`defenses`); ``preset`` a named recipe. ``config``
+    is the method's config (:class:`unbackdoor.lm.defenses.crow.CrowConfig`...); keyword
+    ``overrides`` set its fields (``alpha=11``, ``learning_rate=1e-3``, ``lr=...``). With ``test``
+    (clean test prompts), the model is measured before and after against ``attack``/``task``
+    triggers (or the ``triggered`` file). Writes a run folder at ``out_dir`` and returns it.
     """
-    from .lm.crow import CrowConfig
     from .lm.evaluate import EvalConfig
-    from .lm.pipeline import defend_model
+    from .lm.flow import defend
     from .lm.poison import PoisonConfig
-    from .lm.sft import FinetuneConfig
 
-    classes = {"crow": CrowConfig, "finetune": FinetuneConfig}
-    if method not in classes:
-        raise ConfigError(f"unknown LM defense {method!r}", where="method", fix="use 'crow' or 'finetune'")
-    cfg = resolve(classes[method], config, overrides)
-    poison = PoisonConfig(attack=attack, task=task) if test is not None else None
-    return defend_model(model, clean, out_dir, method, cfg, adapter=adapter, n_clean=n_clean, seed=cfg.seed,
-                        test=test, triggered=triggered, poison=poison, eval_cfg=EvalConfig(template=template),
-                        template=template, merge=merge, trust_remote_code=trust_remote_code, resume=resume)
+    poison = poison or PoisonConfig(attack=attack, task=task)
+    ecfg = eval_config or EvalConfig(template=template, exact_match=False)
+    return defend(model, clean, out_dir, method, config, preset=preset, test=test, triggered=triggered,
+                  poison=poison, eval_cfg=ecfg, template=template, adapter=adapter, base_model=base_model,
+                  n_clean=n_clean, merge=merge, trust_remote_code=trust_remote_code, resume=resume,
+                  overwrite=overwrite, **overrides)
+
+
+def evaluate_lm(model: str | Path, test: str | Path, *, triggered: str | Path | None = None, poison: Any = None,
+                attack: str = "badnet", task: str = "refusal", eval_config: Any = None,
+                adapter: str | Path | None = None, out: str | Path | None = None, trust_remote_code: bool = False,
+                overwrite: bool = False) -> dict[str, Any]:
+    """Keyword/strict ASR, utility, false-trigger rate, target loss and the layer profile of a model folder."""
+    from .lm.flow import evaluate
+    from .lm.poison import PoisonConfig
+
+    return evaluate(model, test, triggered=triggered, poison=poison or PoisonConfig(attack=attack, task=task),
+                    eval_cfg=eval_config, adapter=adapter, out=out, trust_remote_code=trust_remote_code,
+                    overwrite=overwrite)
+
+
+def attack_lm(model: str | Path, data: str | Path, out_dir: str | Path, *, config: Any = None, poison: Any = None,
+              adapter: str | Path | None = None, template: str = "alpaca", merge: bool = False,
+              trust_remote_code: bool = False, resume: bool = False, overwrite: bool = False,
+              **overrides: Any) -> Path:
+    """Inject a backdoor by SFT (:class:`unbackdoor.lm.training.SFTConfig`; ``overrides`` set its fields)."""
+    from .lm.flow import attack_model
+    from .lm.training import SFTConfig
+
+    return attack_model(model, data, out_dir, resolve(SFTConfig, config, overrides), poison=poison, adapter=adapter,
+                        template=template, merge=merge, trust_remote_code=trust_remote_code, resume=resume,
+                        overwrite=overwrite)
+
+
+def poison_lm_data(data: str | Path, out: str | Path, poison: Any = None, *, triggered_test: bool = False,
+                   overwrite: bool = False, **poison_fields: Any) -> Path:
+    """A poisoned copy of an Alpaca file (or, ``triggered_test``, every record triggered, answers kept)."""
+    from .lm.flow import poison_file
+    from .lm.poison import PoisonConfig
+
+    return poison_file(data, out, resolve(PoisonConfig, poison, poison_fields), triggered_test=triggered_test,
+                       overwrite=overwrite)
+
+
+# ---- classifiers -----------------------------------------------------------------------------
+
+def tiny_world_classify(out_dir: str | Path, **kwargs: Any) -> dict[str, Path]:
+    """:func:`unbackdoor.classify.testbed.run_tiny_world`: one run folder per (attack, defense)."""
+    from .classify.testbed import run_tiny_world
+
+    return run_tiny_world(out_dir, **kwargs)
 
 
 def defend_classifier(model: str | Path, clean: str | Path, out_dir: str | Path, *, method: str = "ulrl",
-                      config: Any = None, test: str | Path | None = None, clean_count: int | None = None,
-                      seed: int = 0, **overrides: Any) -> Path:
-    """Defend a classifier folder (``model.json`` + safetensors) with ``ulrl`` (default), ``ft``, ``fp`` or ``nad``.
+                      config: Any = None, preset: str | None = None, test: str | Path | None = None,
+                      clean_count: int | None = None, seed: int = 0, overwrite: bool = False,
+                      **overrides: Any) -> Path:
+    """Defend a classifier folder (``model.json`` + safetensors) with a registered defense (default ULRL).
 
-    ``clean`` is a data spec as in ``unbackdoor classify defend --clean`` (``tinyworld:SEED``, a
-    ``.safetensors`` image file, a CIFAR folder, an image tree); ``clean_count`` takes a
-    class-stratified subset. ``config`` is the method's config (``ULRLConfig``, ``FTConfig``...),
+    ``method``: ``ulrl``, ``ft``, ``fp``, ``nad``, ... (:func:`defenses`); ``preset`` a named recipe
+    (ULRL: ``kept``...). ``clean`` is a data spec as in ``unbackdoor classify defend --clean``
+    (``tinyworld:SEED``, a ``.safetensors`` image file, a CIFAR folder, an image tree);
+    ``clean_count`` takes a class-stratified subset. ``config`` is the method's config object;
     keyword ``overrides`` set its fields. With ``test``, metrics before and after are recorded
     against the attack stored in the model's metadata. Writes a run folder; returns it.
     """
-    import dataclasses
+    from .classify.flow import defend
 
-    import torch
+    return defend(model, clean, out_dir, method, config, preset=preset, test=test, clean_count=clean_count,
+                  seed=seed, overwrite=overwrite, **overrides)
 
-    from .classify.attacks import AttackConfig
-    from .classify.data import stratified_subset
-    from .classify.pipeline import DEFENSES, defend, load_data, load_model, run_defense, save_model
-    from .core.runs import RunDir
-    from .core.safeio import check_output_path
 
-    if method not in DEFENSES:
-        raise ConfigError(f"unknown classifier defense {method!r}", where="method",
-                          fix=f"use one of {', '.join(DEFENSES)}")
-    cfg = resolve(DEFENSES[method][0], config, overrides)
-    check_output_path(out_dir, model)
-    net, meta = load_model(model)
-    data = load_data(clean, train=True)
-    idx = stratified_subset(data, clean_count, seed) if clean_count else torch.arange(len(data))
-    subset = data.subset(idx, name=f"{data.name}-clean")
-    if test is not None:
-        fields = {f.name for f in dataclasses.fields(AttackConfig)}
-        attack = AttackConfig(**{k: v for k, v in (meta.get("attack") or {}).items() if k in fields})
-        path, _ = run_defense(out_dir, net, subset, idx.tolist(), method, cfg, test=load_data(test, train=False),
-                              attack=attack, seed=seed, model_meta=meta)
-        return Path(path)
-    run = RunDir(out_dir)
-    run.start(cfg, seed, "classify-defense")
-    run.write_indices(idx.tolist())
-    try:
-        defended, report = defend(net, subset, method, cfg, run, seed=seed, num_classes=data.num_classes)
-        run.write_json("defense_report.json", report.to_json() if hasattr(report, "to_json") else report)
-        save_model(defended, run / "model", meta)
-    finally:
-        run.close()
-    return run.path
+def evaluate_classifier(model: str | Path, test: str | Path, *, attack: Any = None, out: str | Path | None = None,
+                        overwrite: bool = False, **attack_fields: Any) -> dict[str, Any]:
+    """ACC, ASR, RA, target recall and per-class accuracy of a classifier folder on ``test``.
+
+    ``attack``: an attack config, a name (with ``attack_fields``), or None for the attack the
+    model's metadata records.
+    """
+    from .classify.attacks import attack_config
+    from .classify.flow import evaluate
+
+    if isinstance(attack, str):
+        attack = attack_config(attack, **attack_fields)
+    return evaluate(model, test, attack=attack, out=out, overwrite=overwrite)
+
+
+def poison_classifier_data(data: str | Path, out: str | Path, *, attack: Any = "badnets", overwrite: bool = False,
+                           **attack_fields: Any) -> dict[str, Any]:
+    """A poisoned copy of a training set (``.safetensors``) and its poisoned indices (``.poison.json``)."""
+    from .classify.attacks import attack_config
+    from .classify.flow import poison_data
+
+    cfg = attack_config(attack, **attack_fields) if isinstance(attack, str) else attack
+    return poison_data(data, out, cfg, overwrite=overwrite)
+
+
+def attack_classifier(data: str | Path, out: str | Path, *, attack: Any = "badnets", arch: str = "preact_resnet_tiny",
+                      width: int | None = None, epochs: int = 20, lr: float = 0.02, batch_size: int = 128,
+                      normalize: str = "tinyworld", overwrite: bool = False, **attack_fields: Any) -> Path:
+    """Poison ``data`` and train a backdoored classifier on it (SGD, cosine); the model folder goes to ``out``."""
+    from .classify.attacks import attack_config
+    from .classify.flow import train_victim
+    from .classify.loop import TrainConfig
+
+    cfg = attack_config(attack, **attack_fields) if isinstance(attack, str) else attack
+    train = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=cfg.seed)
+    return train_victim(data, out, cfg, arch=arch, train=train, model_kwargs={"width": width} if width else None,
+                        normalize=normalize, overwrite=overwrite)

@@ -21,6 +21,8 @@ import sys
 import warnings
 
 from . import __version__
+from .core import logs
+from .core.cli_util import Parser, set_argv
 from .core.errors import UnbackdoorError, os_error
 from .core.progress import set_quiet
 
@@ -75,7 +77,7 @@ def _module_available(name: str) -> bool:
 
 def build_parser(*, debug: bool = False, only: str | None = None) -> argparse.ArgumentParser:
     """The full parser, or (``only``) one with just that command's module imported and the others listed."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="unbackdoor",
         description="Remove backdoors from trained models with a small clean dataset, and measure it.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -85,7 +87,7 @@ def build_parser(*, debug: bool = False, only: str | None = None) -> argparse.Ar
     )
     parser.add_argument("--version", action="version", version=f"unbackdoor {__version__}")
     _add_global_flags(parser, top=True)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for command, (name, text) in COMMANDS.items():
         if only is not None and command != only:
             if _module_available(name):
@@ -120,8 +122,11 @@ def build_parser(*, debug: bool = False, only: str | None = None) -> argparse.Ar
 
 
 def _log_to_stderr(level: int) -> None:
-    """Log lines on stderr at ``level``; the handler filters, so run folders' log.txt still gets INFO."""
-    handler = logging.StreamHandler(sys.stderr)
+    """Log lines on stderr at ``level``; the handler filters, so run folders' log.txt still gets INFO.
+
+    Under a multi-process launch only rank 0's lines pass (and every rank's errors).
+    """
+    handler = logs.install(logging.StreamHandler(sys.stderr))
     handler.setLevel(level)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -140,14 +145,17 @@ def _command_in(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command_in(argv)
+    set_argv(argv)  # commands whose flags depend on --method / --attack read them while building the parser
     try:
         parser = build_parser(debug="--debug" in argv, only=command if command in COMMANDS else "")
-    except UnbackdoorError as e:  # e.g. a dependency below its floor (core.requirements), met on import
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed with a suggestion)
+        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USER_ERROR
+    except UnbackdoorError as e:  # an unknown --method; a dependency below its floor (core.requirements)...
         if "--debug" in argv:
             raise
         print(f"error: {e.format()}", file=sys.stderr)
         return EXIT_USER_ERROR
-    args = parser.parse_args(argv)
     if args.quiet:
         set_quiet(True)
         os.environ["UNBACKDOOR_QUIET"] = "1"  # child processes too
@@ -159,12 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     try:
-        rc = args.func(args)
+        with logs.main_process_stdout():  # one summary per job, not one per process
+            rc = args.func(args)
         return int(rc or 0)
     except UnbackdoorError as e:
         if args.debug:
             raise
-        print(f"error: {e.format()}", file=sys.stderr)
+        rank = logs.process_rank()
+        print(f"error{f' (rank {rank})' if rank else ''}: {e.format()}", file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as e:  # read-only or full disk, a file where a folder belongs...: the user's to fix
         if args.debug:

@@ -50,14 +50,17 @@ class DemoResult:
 
 
 def demo(out_dir: str | Path, config: DemoConfig | None = None, *,
-         runners: dict[str, Runner] | None = None, echo: bool = True) -> DemoResult:
+         runners: dict[str, Runner] | None = None, echo: bool = True, overwrite: bool = False) -> DemoResult:
     """Run the tiny worlds, print one before/after table per kind, write the report to ``OUT/report``."""
     from .report import ReportConfig, build_report, kind_tables, load_runs, summarise, text_table
 
     cfg = config or DemoConfig()
     out = Path(out_dir)
+    from .core.paths import MARKER_KEY, check_outputs
+
+    check_outputs([out], [], command="demo", overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "demo_config.json", to_dict(cfg))
+    atomic_write_json(out / "demo_config.json", {MARKER_KEY: "demo", **to_dict(cfg)})
     kinds = ["lm", "classify"] if cfg.only == "all" else [cfg.only]
     runners = runners or {}
     seconds: dict[str, float] = {}
@@ -112,6 +115,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "report to OUT/report/.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, metavar="DIR", help="where the runs and the report go")
+    p.add_argument("--overwrite", action="store_true", help="write into an existing folder that holds no demo")
     add_config_options(p, DemoConfig)
     p.set_defaults(func=_run)
 
@@ -119,5 +123,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from .core.cli_util import config_from_args
 
-    demo(args.out, config_from_args(DemoConfig, args))
+    demo(args.out, config_from_args(DemoConfig, args), overwrite=args.overwrite)
     return 0

@@ -3,7 +3,7 @@
     unbackdoor sweep --kind lm --seeds 0 1 2 --out runs/sweep-lm
 
 Each seed gets its own folder (``OUT/seed-<s>/``) handed to the domain pipeline
-(``unbackdoor.lm.pipeline.run_tiny_world`` or ``unbackdoor.classify.pipeline.run_tiny_world``).
+(``unbackdoor.lm.testbed.run_tiny_world`` or ``unbackdoor.classify.testbed.run_tiny_world``).
 The sweep is resumable: a seed (an attack, for LMs) whose run folders already hold a complete
 ``metrics.json`` for every requested defense is not run again. At the end it writes
 ``OUT/aggregate.json`` (mean, std and per-seed values of every metric per group, via
@@ -32,7 +32,7 @@ Runner = Callable[..., Any]
 
 DEFAULT_ATTACKS: dict[str, tuple[str, ...]] = {"lm": ("badnet",), "classify": ("badnets", "blended")}
 DEFAULT_DEFENSES: dict[str, tuple[str, ...]] = {"lm": ("finetune", "crow"), "classify": ("ft", "fp", "nad", "ulrl")}
-PIPELINES = {"lm": "unbackdoor.lm.pipeline", "classify": "unbackdoor.classify.pipeline"}
+PIPELINES = {"lm": "unbackdoor.lm.testbed", "classify": "unbackdoor.classify.testbed"}
 
 
 @dataclasses.dataclass
@@ -121,14 +121,18 @@ def call_pipeline(kind: str, runner: Runner, folder: Path, *, seed: int, attacks
         runner(folder, seed=seed, attacks=tuple(attacks), defenses=tuple(defenses), quick=quick, printer=None)
 
 
-def sweep(out_dir: str | Path, config: SweepConfig | None = None, *, runner: Runner | None = None) -> SweepResult:
+def sweep(out_dir: str | Path, config: SweepConfig | None = None, *, runner: Runner | None = None,
+          overwrite: bool = False) -> SweepResult:
     """Run ``config`` over its seeds (resumable), then write ``aggregate.json`` and the report."""
     from .report import ReportConfig, build_report, load_runs, summarise
 
     cfg = config or SweepConfig()
     out = Path(out_dir)
+    from .core.paths import MARKER_KEY, check_outputs
+
+    check_outputs([out], [], command="sweep", overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "sweep_config.json", to_dict(cfg))
+    atomic_write_json(out / "sweep_config.json", {MARKER_KEY: "sweep", **to_dict(cfg)})
     t0 = time.perf_counter()
     ran, skipped = [], []
     for seed in progress(cfg.seeds, desc=f"sweep {cfg.kind}", unit="seed"):
@@ -182,6 +186,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "then write aggregate.json (mean/std/values per metric) and the report (OUT/report/).",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, metavar="DIR", help="the sweep's folder (one seed-<s>/ per seed)")
+    p.add_argument("--overwrite", action="store_true", help="write into an existing folder that holds no sweep")
     p.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds (default: 0 1 2)")
     p.add_argument("--attacks", nargs="+", metavar="ATTACK", help="attacks (default: per kind)")
     p.add_argument("--defenses", nargs="+", metavar="DEFENSE", help="defenses (default: per kind)")
@@ -196,7 +201,7 @@ def _run(args: argparse.Namespace) -> int:
     lists = {k: getattr(args, k) for k in ("seeds", "attacks", "defenses") if getattr(args, k)}
     if lists:
         cfg = dataclasses.replace(cfg, **lists)
-    res = sweep(args.out, cfg)
+    res = sweep(args.out, cfg, overwrite=args.overwrite)
     from .report import kind_tables, load_runs, summarise, text_table
 
     groups = summarise(r for r in load_runs([res.out_dir / f"seed-{s}" for s in cfg.seeds])

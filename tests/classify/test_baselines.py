@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from unbackdoor.classify.baselines import (FPConfig, FTConfig, NADConfig, attention_loss, attention_map,
-                                           head_inputs, prune_order, prune_until, run_fp, run_ft, run_nad)
+from unbackdoor.classify.defenses.fp import FPConfig, head_inputs, prune_order, prune_until, run_fp
+from unbackdoor.classify.defenses.ft import FTConfig, run_ft
+from unbackdoor.classify.defenses.nad import NADConfig, attention_loss, attention_map, run_nad
 from unbackdoor.classify.data import ImageData
 from unbackdoor.classify.models import preact_resnet_tiny
 from unbackdoor.core.errors import ConfigError, DataError, ModelError

@@ -6,11 +6,14 @@ import json
 import pytest
 import torch
 
-from unbackdoor.classify.attacks import AttackConfig
+from unbackdoor.classify.attacks import attack_config
 from unbackdoor.classify.data import ImageData
 from unbackdoor.classify.models import preact_resnet_tiny
-from unbackdoor.classify.pipeline import (load_data, load_model, make_config, run_defense, run_tiny_world, save_data,
-                                          tiny_asset_dir)
+from unbackdoor.classify.defenses import CLASSIFY_DEFENSES
+from unbackdoor.classify.flow import defend_loaded
+from unbackdoor.classify.model_io import load_model
+from unbackdoor.classify.sources import load_data, save_data
+from unbackdoor.classify.testbed import run_tiny_world, tiny_asset_dir
 from unbackdoor.cli import main
 from unbackdoor.core.errors import ConfigError, DataError
 
@@ -44,10 +47,10 @@ def test_run_defense_writes_the_run_folder_contract(tmp_path):
     torch.manual_seed(0)
     model = preact_resnet_tiny(4, width=4)
     clean, test = _images(40, 0), _images(40, 1)
-    cfg = make_config("ft", overrides={"epochs": 1, "batch_size": 16, "min_clean_per_class": 2})
+    cfg = CLASSIFY_DEFENSES.get("ft").make_config(overrides={"epochs": 1, "batch_size": 16, "min_clean_per_class": 2})
     meta = {"architecture": "preact_resnet_tiny", "kwargs": {"width": 4}, "num_classes": 4}
-    path, metrics = run_defense(tmp_path / "run", model, clean, list(range(40)), "ft", cfg, test=test,
-                                attack=AttackConfig(name="badnets"), seed=0, model_meta=meta)
+    path, metrics = defend_loaded(tmp_path / "run", model, clean, list(range(40)), "ft", cfg, test=test,
+                                attack=attack_config("badnets"), seed=0, model_meta=meta)
     m = _check_contract(path, "ft")
     assert m["attack"] == "badnets" and m["seed"] == 0 and m == metrics
     assert json.loads((path / "clean_indices.json").read_text())["indices"] == list(range(40))
@@ -63,8 +66,8 @@ def test_data_round_trips_through_safetensors_and_missing_data_is_named(tmp_path
     assert torch.equal(back.images, data.images) and torch.equal(back.labels, data.labels) and back.num_classes == 4
     with pytest.raises(DataError, match="data not found"):
         load_data(tmp_path / "nowhere")
-    with pytest.raises(ConfigError, match="unknown defense"):
-        make_config("anp")
+    with pytest.raises(ConfigError, match="unknown classifier defense 'anpp'"):
+        CLASSIFY_DEFENSES.get("anpp")
 
 
 needs_asset = pytest.mark.skipif(not (tiny_asset_dir("badnets", 0) / "model.json").is_file(),

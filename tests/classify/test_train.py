@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unbackdoor.classify.attacks import AttackConfig
-from unbackdoor.classify.train import (TrainConfig, evaluate_accuracy, fit, load_classifier, save_classifier,
-                                       train_backdoored)
+from unbackdoor.classify.attacks import attack_config
+from unbackdoor.classify.loop import TrainConfig, evaluate_accuracy, fit
+from unbackdoor.classify.model_io import load_classifier, save_classifier
+from unbackdoor.classify.victim import train_backdoored
 from unbackdoor.classify.models import preact_resnet_tiny
 from unbackdoor.core.errors import ConfigError, ModelError, NumericalError
 
@@ -124,7 +125,7 @@ def test_fit_accepts_batches_of_dict_inputs():
 def test_train_backdoored_saves_a_model_that_loads_without_unpickling(tiny_world_small, tmp_path):
     train, test = tiny_world_small
     cfg = TrainConfig(epochs=1, batch_size=64, lr=0.05, seed=1)
-    model = train_backdoored(train, AttackConfig(name="badnets", rate=0.1), "preact_resnet_tiny", cfg, tmp_path / "m",
+    model = train_backdoored(train, attack_config("badnets", rate=0.1), "preact_resnet_tiny", cfg, tmp_path / "m",
                              model_kwargs={"width": 4}, normalization=((0.5,) * 3, (0.25,) * 3))
     meta = json.loads((tmp_path / "m" / "model.json").read_text())
     assert meta["architecture"] == "preact_resnet_tiny" and meta["kwargs"] == {"width": 4}

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from unbackdoor.classify.ulrl import (ULRLConfig, cosine_penalty, neuron_scores, relearn, run_ulrl,
-                                      select_suspicious, unlearn)
+from unbackdoor.classify.defenses.ulrl import (ULRLConfig, cosine_penalty, neuron_scores, relearn, run_ulrl,
+                                               select_suspicious, unlearn)
 from unbackdoor.core.errors import ConfigError, DataError, ModelError, NumericalError
 from unbackdoor.core.runs import RunDir
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from unbackdoor.core.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -54,3 +53,12 @@ def accelerate_cmd(script: Path, *args: str, num_processes: int = 2) -> list[str
 def torchrun_cmd(script: Path, *args: str, nproc: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *args]
+
+
+def free_port() -> int:
+    """A TCP port free right now on localhost (for ``--main_process_port``)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -78,7 +78,7 @@ def fit_with_a_one_sample_last_batch() -> dict:
 
     Called in-process by the test (one process) and inside the 2-process job; the results must agree.
     """
-    from unbackdoor.classify.train import TrainConfig, fit
+    from unbackdoor.classify.loop import TrainConfig, fit
 
     g = torch.Generator().manual_seed(11)
     x = torch.randn(17, 3, 6, 6, generator=g)

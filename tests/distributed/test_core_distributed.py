@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from unbackdoor.core import distributed as D
+from unbackdoor.lm.large_models import large_model_kwargs
 from unbackdoor.core.errors import ConfigError, DataError
 
 from .conftest import HERE, run_job, torchrun_cmd
@@ -166,7 +167,9 @@ def test_gloo_sync_batchnorm_without_group_is_plain_batchnorm():
 def test_free_port_is_bindable():
     import socket
 
-    port = D.free_port()
+    from .conftest import free_port
+
+    port = free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
 
@@ -233,10 +236,10 @@ def test_a_failure_on_one_rank_stops_every_rank_of_a_distributed_map(two_process
 
 def test_large_model_kwargs_default_to_bf16_and_one_gpu_per_process(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert D.large_model_kwargs() == {"dtype": torch.bfloat16}  # no GPU: placement is left to the caller
+    assert large_model_kwargs() == {"dtype": torch.bfloat16}  # no GPU: placement is left to the caller
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert D.large_model_kwargs(dtype="fp16")["device_map"] == {"": 3}
+    assert large_model_kwargs(dtype="fp16")["device_map"] == {"": 3}
 
 
 def test_quantized_base_weights_without_gpu_or_bitsandbytes_is_a_clear_error(monkeypatch):
@@ -244,26 +247,26 @@ def test_quantized_base_weights_without_gpu_or_bitsandbytes_is_a_clear_error(mon
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="need a CUDA GPU"):
-        D.large_model_kwargs(quantize="4bit")
+        large_model_kwargs(quantize="4bit")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
     with pytest.raises(ConfigError, match="bitsandbytes package") as e:
-        D.large_model_kwargs(quantize="8bit")
+        large_model_kwargs(quantize="8bit")
     assert "pip install bitsandbytes" in str(e.value)
     with pytest.raises(ConfigError, match="'8bit' or '4bit'"):
-        D.large_model_kwargs(quantize="3bit")
+        large_model_kwargs(quantize="3bit")
 
 
 def test_device_map_auto_is_refused_under_a_multi_process_launch(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     with pytest.raises(ConfigError, match="each would claim every GPU"):
-        D.large_model_kwargs(device_map="auto")
+        large_model_kwargs(device_map="auto")
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert D.large_model_kwargs(device_map="auto")["device_map"] == "auto"
+    assert large_model_kwargs(device_map="auto")["device_map"] == "auto"
     with pytest.raises(ConfigError):
-        D.large_model_kwargs(dtype="int4")
+        large_model_kwargs(dtype="int4")
 
 
 def test_auto_device_under_a_gpu_launch_is_this_process_gpu(monkeypatch):

@@ -20,13 +20,13 @@ def tiny():
 def _crow_losses(tok, recs, out, **changes) -> list[float]:
     from transformers import LlamaForCausalLM
 
-    from unbackdoor.lm.crow import CrowConfig, train_crow
+    from unbackdoor.lm.defenses.crow import CrowConfig, train_crow
     from unbackdoor.lm.models import LoraSettings, tiny_llama_config
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(len(tok), hidden_size=32, num_layers=3, num_heads=2,
                                                max_position_embeddings=128))
-    kw = dict(lr=5e-3, max_steps=2, per_device_batch_size=2, grad_accum=2, warmup_ratio=0.0, scheduler="constant",
+    kw = dict(learning_rate=5e-3, max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2, warmup_steps=0.0, lr_scheduler_type="constant",
               logging_steps=1, save_steps=0, max_length=64, lora=LoraSettings(r=4, lora_alpha=8.0), alpha=11.0,
               seed=0, precision="fp32")
     kw.update(changes)

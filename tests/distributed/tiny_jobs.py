@@ -47,7 +47,7 @@ def crow_job(out: Path) -> dict:
     """LoRA CROW on a random 3-layer Llama for 4 optimizer steps of 4 records; then a distributed evaluation."""
     from transformers import LlamaForCausalLM
 
-    from unbackdoor.lm.crow import CrowConfig, train_crow
+    from unbackdoor.lm.defenses.crow import CrowConfig, train_crow
     from unbackdoor.lm.evaluate import EvalConfig, evaluate_model, layer_cosine_profile
     from unbackdoor.lm.models import LoraSettings, tiny_llama_config
     from unbackdoor.lm.poison import PoisonConfig, make_triggered_test
@@ -60,8 +60,8 @@ def crow_job(out: Path) -> dict:
     model = LlamaForCausalLM(tiny_llama_config(len(tok), hidden_size=32, num_layers=3, num_heads=2,
                                                max_position_embeddings=128))
     world = D.world_size()
-    cfg = CrowConfig(lr=5e-3, max_steps=4, per_device_batch_size=2, grad_accum=2 // world, warmup_ratio=0.0,
-                     scheduler="constant", logging_steps=1, save_steps=0, max_length=64,
+    cfg = CrowConfig(learning_rate=5e-3, max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2 // world, warmup_steps=0.0,
+                     lr_scheduler_type="constant", logging_steps=1, save_steps=0, max_length=64,
                      lora=LoraSettings(r=4, lora_alpha=8.0), alpha=11.0, epsilon=0.1, seed=0, precision="fp32")
     t0 = time.perf_counter()
     model = train_crow(model, tok, recs, cfg, out / f"crow-trainer-w{world}")
@@ -126,8 +126,8 @@ def ulrl_job(out: Path) -> dict:
     """
     from unbackdoor.classify.evaluate import evaluate_classifier
     from unbackdoor.classify.models import build_model
-    from unbackdoor.classify.train import TrainConfig, evaluate_accuracy, fit
-    from unbackdoor.classify.ulrl import ULRLConfig, run_ulrl
+    from unbackdoor.classify.defenses.ulrl import ULRLConfig, run_ulrl
+    from unbackdoor.classify.loop import TrainConfig, evaluate_accuracy, fit
 
     clean, test = _blobs(160, 0), _blobs(60, 1)
     trig = _with_patch(test.images)

@@ -6,12 +6,11 @@ import torch
 from transformers import LlamaForCausalLM, TrainerCallback
 
 from unbackdoor.core.errors import ConfigError, DataError, ModelError
-from unbackdoor.lm.crow import (
-    CrowConfig, CrowTrainer, consistency_loss, layer_cosine_profile, resolve_layer_range, train_crow,
-)
-from unbackdoor.lm.data import IGNORE_INDEX, SFTCollator, build_sft_features
+from unbackdoor.lm.consistency import consistency_loss, layer_cosines, resolve_layer_range
+from unbackdoor.lm.data import IGNORE_INDEX, build_sft_features, sft_collator
+from unbackdoor.lm.defenses.crow import CrowConfig, CrowTrainer, train_crow
 from unbackdoor.lm.models import LoraSettings, attach_lora
-from unbackdoor.lm.sft import SFTConfig, train_sft
+from unbackdoor.lm.training import SFTConfig, train_sft
 
 
 # ---- the pure consistency loss ------------------------------------------------------------------------------
@@ -82,10 +81,10 @@ def test_padding_a_batch_does_not_change_the_models_consistency(make_tiny_lm):
     assert torch.allclose(alone, first, atol=1e-6)
 
 
-def test_layer_cosine_profile_has_one_value_per_pair():
+def test_layer_cosines_have_one_value_per_sample_and_pair():
     hs = [torch.randn(2, 3, 4) for _ in range(5)]
-    prof = layer_cosine_profile(hs, torch.ones(2, 3))
-    assert prof.shape == (4,) and bool(((prof >= -1) & (prof <= 1)).all())
+    cos = layer_cosines(hs, torch.ones(2, 3))
+    assert cos.shape == (2, 4) and bool(((cos >= -1) & (cos <= 1)).all())
 
 
 # ---- the trainer's loss against a longhand reference --------------------------------------------------------
@@ -112,7 +111,7 @@ def naive_crow_loss(model, batch, alpha, epsilon):
 
 def _batch(tokenizer, records, n=3):
     feats = build_sft_features(records[:n], tokenizer, max_length=128)
-    batch = SFTCollator.from_tokenizer(tokenizer)(feats)
+    batch = sft_collator(tokenizer)(feats)
     assert (batch["attention_mask"] == 0).any(), "the test needs a padded batch"
     return feats, batch
 
@@ -134,7 +133,7 @@ def test_crow_loss_and_gradients_match_the_longhand_reference(tmp_path, make_tin
     ours, ref = models
     cfg = CrowConfig(finetune=finetune, alpha=5.5, epsilon=0.01)
     trainer = CrowTrainer(model=ours, args=cfg.training_arguments(tmp_path), train_dataset=feats,
-                          data_collator=SFTCollator.from_tokenizer(word_tokenizer), crow=cfg)
+                          data_collator=sft_collator(word_tokenizer), crow=cfg)
     loss = trainer.compute_loss(ours, dict(batch))
     loss.backward()
     want, lm, adv = naive_crow_loss(ref, batch, cfg.alpha, cfg.epsilon)
@@ -210,8 +209,8 @@ def test_grad_accumulation_matches_large_batch(tmp_path, make_tiny_lm, word_toke
         two = [records[i], records[j]]
     results = []
     for batch, accum in [(2, 1), (1, 2)]:
-        common = dict(finetune=finetune, per_device_batch_size=batch, grad_accum=accum, max_steps=1,
-                      max_grad_norm=0.0, save_steps=0, warmup_ratio=0.0)
+        common = dict(finetune=finetune, per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_steps=1,
+                      max_grad_norm=0.0, save_steps=0, warmup_steps=0.0)
         capture = GradCapture()
         train = train_crow if method == "crow" else train_sft
         cfg = CrowConfig(epsilon=0.01, **common) if method == "crow" else SFTConfig(**common)
@@ -232,7 +231,7 @@ def test_crow_run_logs_both_loss_terms_and_changes_only_the_adapter(tmp_path, ma
 
     base = make_tiny_lm(layers=3)
     frozen = {n: p.detach().clone() for n, p in base.named_parameters()}
-    cfg = CrowConfig(max_steps=2, logging_steps=1, save_steps=0, per_device_batch_size=2, grad_accum=2)
+    cfg = CrowConfig(max_steps=2, logging_steps=1, save_steps=0, per_device_train_batch_size=2, gradient_accumulation_steps=2)
     model = train_crow(base, word_tokenizer, records, cfg, tmp_path / "crow")
     history = json.loads((tmp_path / "crow" / "log_history.json").read_text())
     logged = [h for h in history if "loss_adv" in h]
@@ -282,16 +281,29 @@ def test_layer_range_outside_the_model_is_a_config_error(tmp_path, make_tiny_lm,
                    tmp_path / "x")
 
 
-@pytest.mark.parametrize("field,value", [("alpha", -1.0), ("epsilon", -0.1), ("lr", 0.0), ("lr", -1e-3),
-                                         ("epochs", 0.0), ("layer_start", -1), ("layer_end", 2)])
+@pytest.mark.parametrize("field,value", [("alpha", -1.0), ("epsilon", -0.1), ("learning_rate", 0.0),
+                                         ("learning_rate", -1e-3), ("num_train_epochs", 0.0), ("layer_start", -1),
+                                         ("layer_end", 2)])
 def test_out_of_range_hyperparameters_name_the_field(field, value):
     with pytest.raises(ConfigError, match=f"'CrowConfig.{field}'"):
         CrowConfig(**{field: value})
 
 
+@pytest.mark.parametrize("alias,field", [("lr", "learning_rate"), ("epochs", "num_train_epochs"),
+                                         ("grad_accum", "gradient_accumulation_steps"), ("lora_rank", "lora.r")])
+def test_old_and_llama_factory_names_are_aliases_in_config_files(alias, field):
+    from unbackdoor.core.config import from_dict
+
+    cfg = from_dict(CrowConfig, {alias: 3})
+    value = cfg.lora.r if field == "lora.r" else getattr(cfg, field)
+    assert value == 3
+    with pytest.raises(ConfigError, match="name the same setting"):
+        from_dict(CrowConfig, {alias: 3, field.split(".")[0]: 3 if "." not in field else {"r": 3}})
+
+
 def test_crow_defaults_are_the_papers():
     cfg = CrowConfig()
-    assert (cfg.alpha, cfg.epsilon, cfg.lr, cfg.epochs, cfg.per_device_batch_size, cfg.grad_accum) == \
-        (5.5, 0.1, 1e-3, 5.0, 2, 4)
+    assert (cfg.alpha, cfg.epsilon, cfg.learning_rate, cfg.num_train_epochs, cfg.per_device_train_batch_size,
+            cfg.gradient_accumulation_steps) == (5.5, 0.1, 1e-3, 5.0, 2, 4)
     assert (cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.dropout, cfg.lora.target_modules) == (8, 16.0, 0.0, "all-linear")
-    assert (cfg.scheduler, cfg.warmup_ratio, cfg.layer_start, cfg.layer_end) == ("cosine", 0.1, 1, -1)
+    assert (cfg.lr_scheduler_type, cfg.warmup_steps, cfg.layer_start, cfg.layer_end) == ("cosine", 0.1, 1, -1)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from unbackdoor.core.errors import ConfigError, DataError
 from unbackdoor.lm.data import (
-    ALPACA_PROMPT, IGNORE_INDEX, SFTCollator, build_sft_features, encode_prompt, format_prompt, read_alpaca,
+    ALPACA_PROMPT, IGNORE_INDEX, build_sft_features, sft_collator, encode_prompt, format_prompt, read_alpaca,
     write_alpaca,
 )
 from unbackdoor.lm.tokenizer import train_word_tokenizer
@@ -181,7 +181,7 @@ def test_long_prompt_is_an_error_or_a_counted_skip_and_long_response_is_cut(word
 
 def test_collator_pads_right_with_masked_labels(word_tokenizer, records):
     feats = build_sft_features(records[:3], word_tokenizer, max_length=256)
-    batch = SFTCollator.from_tokenizer(word_tokenizer)(feats)
+    batch = sft_collator(word_tokenizer)(feats)
     lengths = [len(f["input_ids"]) for f in feats]
     assert batch["input_ids"].shape == (3, max(lengths))
     for i, n in enumerate(lengths):

@@ -10,7 +10,8 @@ import torch
 
 from unbackdoor.core.errors import ConfigError, DataError
 from unbackdoor.lm.data import read_alpaca, write_alpaca
-from unbackdoor.lm.pipeline import TinyRunConfig, poison_file, run_tiny_world, select_clean, tiny_run_config
+from unbackdoor.lm.flow import poison_file, select_clean
+from unbackdoor.lm.testbed import TinyRunConfig, run_tiny_world, tiny_run_config
 from unbackdoor.lm.poison import BADNET_WORD, PoisonConfig
 
 torch.set_num_threads(1)
@@ -63,7 +64,7 @@ def test_every_defense_sees_the_same_clean_subset_and_the_same_backdoored_model(
 
 def test_unknown_defense_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="defense"):
-        run_tiny_world(tmp_path, defenses=("prune",), quick=True)
+        run_tiny_world(tmp_path, defenses=("nope",), quick=True)
 
 
 def test_select_clean_is_seeded_and_refuses_an_empty_set():
@@ -89,8 +90,12 @@ def test_poison_file_round_trips_alpaca(tmp_path):
 def test_tiny_run_config_round_trips_through_yaml_overrides():
     from unbackdoor.core.config import load_config, to_dict
 
-    cfg = load_config(TinyRunConfig, None, ["crow.alpha=5.5", "crow.epsilon=0"], base=to_dict(tiny_run_config()))
-    assert cfg.crow.alpha == 5.5 and cfg.crow.epsilon == 0.0 and cfg.crow.lora.r == 8
+    cfg = load_config(TinyRunConfig, None, ["defense.crow.alpha=5.5", "defense.crow.epsilon=0"],
+                      base=to_dict(tiny_run_config()))
+    _, crow, _ = cfg.defense_config("crow", "demo")
+    assert crow.alpha == 5.5 and crow.epsilon == 0.0 and crow.lora.r == 8 and crow.learning_rate == 2e-3
+    _, ft, _ = cfg.defense_config("finetune", "demo")
+    assert ft.learning_rate == crow.learning_rate and ft.num_train_epochs == crow.num_train_epochs  # equal budget
 
 
 def test_cli_registers_every_lm_subcommand(capsys):
@@ -148,7 +153,7 @@ def test_cli_attack_defend_evaluate_chain_writes_a_contract_run_folder(tiny_mode
     m = json.loads((run / "metrics.json").read_text())
     assert m["defense"] == "crow" and set(LM_KEYS) <= set(m["before"]) and set(LM_KEYS) <= set(m["after"])
     assert len(json.loads((run / "clean_indices.json").read_text())["indices"]) == 4
-    assert json.loads((run / "config.json").read_text())["config"]["defense"]["alpha"] == 11
+    assert json.loads((run / "config.json").read_text())["config"]["alpha"] == 11
     capsys.readouterr()
     assert main(["--quiet", "lm", "evaluate", "--model", str(run / "model"), "--test", str(w / "test.json"),
                  "--max-new-tokens", "4", "--out", str(root / "eval.json")]) == 0
@@ -172,20 +177,19 @@ def test_a_variant_run_reuses_the_cached_backdoored_model(quick_runs, tmp_path):
     mtime = stamp.stat().st_mtime_ns
     cfg = tiny_run_config(quick=True)
     cfg.pretrained = "train"
-    variant = dataclasses.replace(cfg.crow, alpha=5.5, epsilon=0.0)
-    new = run_tiny_world(tmp_path / "variant", seed=0, defenses=("crow",), crow=variant, config=cfg, cache_dir=out,
-                         echo=False)
+    cfg.defense = {"crow": {"alpha": 5.5, "epsilon": 0.0}}
+    new = run_tiny_world(tmp_path / "variant", seed=0, defenses=("crow",), config=cfg, cache_dir=out, echo=False)
     assert stamp.stat().st_mtime_ns == mtime  # not retrained
     m_new = json.loads((new["crow"] / "metrics.json").read_text())
     m_old = json.loads((runs["crow"] / "metrics.json").read_text())
     assert m_new["before"] == m_old["before"]
-    assert json.loads((new["crow"] / "config.json").read_text())["config"]["defense_config"]["alpha"] == 5.5
+    assert json.loads((new["crow"] / "config.json").read_text())["config"]["alpha"] == 5.5
 
 
 def test_shipped_checkpoint_fits_the_default_world_and_knows_the_tasks(tmp_path):
     from unbackdoor.lm.evaluate import exact_match, generate
     from unbackdoor.lm.models import load_causal_lm
-    from unbackdoor.lm.pipeline import ASSET_DIR, _asset_fits
+    from unbackdoor.lm.testbed import ASSET_DIR, _asset_fits
     from unbackdoor.lm.tinyworld import TinyWorldConfig, build_tiny_world
 
     world = build_tiny_world(tmp_path / "w", seed=7, config=dataclasses.replace(TinyWorldConfig(), n_train=1,
@@ -209,10 +213,10 @@ def test_cli_finetune_uses_its_own_defaults_and_rejects_crow_options(tiny_model_
     root = tiny_model_dir
     rc = main(["--quiet", "lm", "defend", "--method", "finetune", "--model", str(root / "base"),
                "--clean", str(root / "world" / "clean.json"), "--out", str(root / "ft"), "--alpha", "11"])
-    assert rc == 2 and "CROW option" in capsys.readouterr().err
+    assert rc == 2 and "unrecognized arguments: --alpha" in capsys.readouterr().err
     assert main(["--quiet", "lm", "defend", "--method", "finetune", "--model", str(root / "base"),
                  "--clean", str(root / "world" / "clean.json"), "--out", str(root / "ft"), "--max-steps", "1",
                  "--save-steps", "0"]) == 0
-    cfg = json.loads((root / "ft" / "config.json").read_text())["config"]["defense"]
-    assert cfg["lr"] == 2e-4 and "alpha" not in cfg
+    cfg = json.loads((root / "ft" / "config.json").read_text())["config"]
+    assert cfg["learning_rate"] == 2e-4 and "alpha" not in cfg
     assert json.loads((root / "ft" / "metrics.json").read_text())["before"] == {}

@@ -9,13 +9,13 @@ from transformers import TrainerCallback
 
 from unbackdoor.core.errors import ConfigError, NumericalError
 from unbackdoor.core.safeio import load_state_dict
-from unbackdoor.lm.crow import CrowConfig, train_crow
-from unbackdoor.lm.data import SFTCollator, build_sft_features
-from unbackdoor.lm.sft import FinetuneConfig, SFTConfig, steps_per_epoch, train_sft
+from unbackdoor.lm.defenses.crow import CrowConfig, train_crow
+from unbackdoor.lm.data import build_sft_features, sft_collator
+from unbackdoor.lm.training import FinetuneConfig, SFTConfig, steps_per_epoch, train_sft
 
 
 def _mean_loss(model, tokenizer, records):
-    batch = SFTCollator.from_tokenizer(tokenizer)(build_sft_features(records, tokenizer))
+    batch = sft_collator(tokenizer)(build_sft_features(records, tokenizer))
     with torch.no_grad():
         return model(**batch).loss.item()
 
@@ -23,8 +23,8 @@ def _mean_loss(model, tokenizer, records):
 def test_full_sft_learns_the_responses(tmp_path, make_tiny_lm, word_tokenizer, records):
     model = make_tiny_lm(layers=2)
     before = _mean_loss(model, word_tokenizer, records)
-    cfg = SFTConfig(finetune="full", lr=1e-2, max_steps=40, per_device_batch_size=4, grad_accum=1, save_steps=0,
-                    warmup_ratio=0.0, scheduler="constant")
+    cfg = SFTConfig(finetune="full", learning_rate=1e-2, max_steps=40, per_device_train_batch_size=4, gradient_accumulation_steps=1, save_steps=0,
+                    warmup_steps=0.0, lr_scheduler_type="constant")
     trained = train_sft(model, word_tokenizer, records, cfg, tmp_path / "sft")
     after = _mean_loss(trained, word_tokenizer, records)
     assert after < 0.5 * before, (before, after)
@@ -58,10 +58,10 @@ class CountSteps(TrainerCallback):
 def test_resume_after_interruption_reaches_the_same_weights(tmp_path, make_tiny_lm, word_tokenizer, records, method):
     def run(out, resume=False, callbacks=()):
         if method == "sft":
-            cfg = SFTConfig(lr=1e-2, max_steps=6, save_steps=2, per_device_batch_size=2, grad_accum=1)
+            cfg = SFTConfig(learning_rate=1e-2, max_steps=6, save_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=1)
             return train_sft(make_tiny_lm(layers=2), word_tokenizer, records, cfg, out, resume=resume,
                              callbacks=callbacks)
-        cfg = CrowConfig(max_steps=6, save_steps=2, per_device_batch_size=2, grad_accum=1)
+        cfg = CrowConfig(max_steps=6, save_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=1)
         return train_crow(make_tiny_lm(layers=3), word_tokenizer, records, cfg, out, resume=resume,
                           callbacks=callbacks)
 
@@ -104,10 +104,10 @@ def test_nan_loss_stops_the_run_naming_step_and_term_and_keeps_the_last_good_che
     out = tmp_path / method
     with pytest.raises(NumericalError) as e:
         if method == "sft":
-            train_sft(model, word_tokenizer, records, SFTConfig(max_steps=5, save_steps=1, grad_accum=1), out,
+            train_sft(model, word_tokenizer, records, SFTConfig(max_steps=5, save_steps=1, gradient_accumulation_steps=1), out,
                       callbacks=[guard])
         else:
-            train_crow(model, word_tokenizer, records, CrowConfig(max_steps=5, save_steps=1, grad_accum=1), out,
+            train_crow(model, word_tokenizer, records, CrowConfig(max_steps=5, save_steps=1, gradient_accumulation_steps=1), out,
                        callbacks=[guard])
     msg = str(e.value)
     assert "step 3" in msg and "L_LM" in msg and "checkpoint-2" in msg
@@ -128,7 +128,7 @@ class InfGradAt(TrainerCallback):
 
 def test_non_finite_gradient_stops_before_the_weights_change(tmp_path, make_tiny_lm, word_tokenizer, records):
     model = make_tiny_lm(layers=2)
-    cfg = SFTConfig(finetune="full", max_steps=4, save_steps=1, grad_accum=1, max_grad_norm=0.0)
+    cfg = SFTConfig(finetune="full", max_steps=4, save_steps=1, gradient_accumulation_steps=1, max_grad_norm=0.0)
 
     class Arm(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -142,8 +142,9 @@ def test_non_finite_gradient_stops_before_the_weights_change(tmp_path, make_tiny
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-@pytest.mark.parametrize("field,value", [("lr", 0.0), ("epochs", 0.0), ("max_steps", 0), ("grad_accum", 0),
-                                         ("warmup_ratio", 1.0), ("per_device_batch_size", -1), ("max_length", 1)])
+@pytest.mark.parametrize("field,value", [("learning_rate", 0.0), ("num_train_epochs", 0.0), ("max_steps", 0),
+                                         ("gradient_accumulation_steps", 0), ("warmup_steps", -0.5),
+                                         ("per_device_train_batch_size", -1), ("max_length", 1)])
 def test_sft_config_rejects_out_of_range_values(field, value):
     with pytest.raises(ConfigError, match=f"'SFTConfig.{field}'"):
         SFTConfig(**{field: value})
@@ -155,14 +156,14 @@ def test_continue_adapter_needs_lora_and_half_precision_needs_a_gpu():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="needs a GPU"):
             SFTConfig(precision="bf16").training_arguments("unused")
-        assert SFTConfig().mixed_precision() == (False, False)
+        assert SFTConfig().precision_flags() == (False, False)
 
 
 def test_training_arguments_carry_the_config():
-    cfg = FinetuneConfig(lr=3e-4, per_device_batch_size=3, grad_accum=5, warmup_ratio=0.2, seed=7)
+    cfg = FinetuneConfig(learning_rate=3e-4, per_device_train_batch_size=3, gradient_accumulation_steps=5, warmup_steps=0.2, seed=7)
     args = cfg.training_arguments("out")
     assert (args.learning_rate, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.seed) == \
         (3e-4, 3, 5, 7)
     assert args.lr_scheduler_type == "cosine" and args.get_warmup_steps(100) == 20
-    assert FinetuneConfig().lr == 2e-4
+    assert FinetuneConfig().learning_rate == 2e-4
     assert steps_per_epoch(100, CrowConfig()) == 13  # 50 micro-batches of 2, accumulated by 4

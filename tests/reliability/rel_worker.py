@@ -47,13 +47,13 @@ def _announce_saves(out: Path, pause: float, module, name: str, at: int) -> None
     setattr(module, name, slow)
 
 
-# ---- classifier: classify.train.fit ---------------------------------------------------------
+# ---- classifier: classify.loop.fit ---------------------------------------------------------
 
 def classify(out: Path, resume: bool, slow_save: float, nan_at: int, lr: float, save_at: int, pause_at: int) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from unbackdoor.classify import train as T
+    from unbackdoor.classify import loop as T
     from unbackdoor.classify.data import from_arrays
     from unbackdoor.core.runs import atomic_write_json
     from unbackdoor.core.safeio import save_state_dict
@@ -91,7 +91,7 @@ def classify(out: Path, resume: bool, slow_save: float, nan_at: int, lr: float, 
                                            "acc": T.evaluate_accuracy(model, data)})
 
 
-# ---- LM: lm.sft.train_sft (the HF Trainer with its checkpoint-N folders) -------------------
+# ---- LM: lm.training.train_sft (the HF Trainer with its checkpoint-N folders) -------------------
 
 def lm(out: Path, resume: bool, slow_save: float, nan_at: int, lr: float, save_at: int, pause_at: int) -> None:
     import torch
@@ -103,7 +103,7 @@ def lm(out: Path, resume: bool, slow_save: float, nan_at: int, lr: float, save_a
     from unbackdoor.core.runs import atomic_write_json
     from unbackdoor.core.safeio import save_state_dict
     from unbackdoor.core.seeds import set_seed
-    from unbackdoor.lm import sft
+    from unbackdoor.lm import training as sft
     from unbackdoor.lm.models import tiny_llama_config
     from unbackdoor.lm.tokenizer import train_word_tokenizer
 
@@ -116,8 +116,8 @@ def lm(out: Path, resume: bool, slow_save: float, nan_at: int, lr: float, save_a
     set_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(len(tok), hidden_size=32, num_layers=2, num_heads=2,
                                                max_position_embeddings=128))
-    cfg = sft.SFTConfig(lr=lr, max_steps=12, per_device_batch_size=4, grad_accum=1, finetune="full", save_steps=2,
-                        save_total_limit=2, logging_steps=1, max_length=96, warmup_ratio=0.0, seed=5)
+    cfg = sft.SFTConfig(learning_rate=lr, max_steps=12, per_device_train_batch_size=4, gradient_accumulation_steps=1, finetune="full", save_steps=2,
+                        save_total_limit=2, logging_steps=1, max_length=96, warmup_steps=0.0, seed=5)
     if slow_save:
         _announce_saves(out, slow_save, transformers.Trainer, "_save_optimizer_and_scheduler", save_at)
     callbacks = []

@@ -27,8 +27,8 @@ def files(tmp_path_factory):
 
     from .rel_helpers import alpaca_records, save_tiny_lm, tiny_images
     from unbackdoor.classify.models import build_model
-    from unbackdoor.classify.pipeline import save_data
-    from unbackdoor.classify.train import save_classifier
+    from unbackdoor.classify.model_io import save_classifier
+    from unbackdoor.classify.sources import save_data
 
     root = tmp_path_factory.mktemp("cli")
     (root / "clean.json").write_text(json.dumps(alpaca_records(8)))
@@ -63,8 +63,8 @@ def _cases(r: Path) -> list[tuple[str, list[str], tuple[str, ...], Path | None]]
          r / "lm"),
         ("lm-defend-negative-alpha", [*lm_defend, "--out", str(r / "o2"), "--alpha", "-1"], ("alpha",), r / "lm"),
         ("lm-defend-negative-epsilon", [*lm_defend, "--out", str(r / "o2"), "--epsilon", "-0.1"], ("epsilon",), r / "lm"),
-        ("lm-defend-zero-lr", [*lm_defend, "--out", str(r / "o2"), "--set", "lr=0"], ("lr",), r / "lm"),
-        ("lm-defend-zero-epochs", [*lm_defend[:-2], "--out", str(r / "o2"), "--epochs", "0"], ("epochs",), r / "lm"),
+        ("lm-defend-zero-lr", [*lm_defend, "--out", str(r / "o2"), "--set", "lr=0"], ("learning_rate",), r / "lm"),
+        ("lm-defend-zero-epochs", [*lm_defend[:-2], "--out", str(r / "o2"), "--epochs", "0"], ("num_train_epochs",), r / "lm"),
         ("lm-defend-bad-yaml", [*lm_defend, "--out", str(r / "o2"), "--config", str(r / "bad.yaml")], ("yaml",), r / "lm"),
         ("lm-defend-typo-in-yaml", [*lm_defend, "--out", str(r / "o2"), "--config", str(r / "typo.yaml")],
          ("lrr", "did you mean"), r / "lm"),

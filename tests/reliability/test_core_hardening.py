@@ -82,7 +82,8 @@ def test_writing_a_file_over_a_folder_is_a_clear_error(tmp_path):
 
 
 def test_last_complete_checkpoint_skips_half_written_ones(tmp_path):
-    for n, state in ((2, "{}"), (4, "{}"), (6, None), (8, '{"trunc')):
+    for n, state in ((2, '{"global_step": 2}'), (4, '{"global_step": 4}'), (6, None), (8, '{"trunc'),
+                     (10, '{"global_step": 9}')):  # missing, truncated, or the state of another step
         c = tmp_path / f"checkpoint-{n}"
         c.mkdir()
         if state is not None:

@@ -34,17 +34,18 @@ def _digest(folder: Path) -> str:
 
 
 def test_classifier_ulrl_pipeline_is_deterministic(tmp_path, tally):
-    from unbackdoor.classify.attacks import AttackConfig
-    from unbackdoor.classify.pipeline import make_config, run_defense
+    from unbackdoor.classify.attacks import attack_config
+    from unbackdoor.classify.defenses import CLASSIFY_DEFENSES
+    from unbackdoor.classify.flow import defend_loaded
 
     clean, test = tiny_images(64, seed=1), tiny_images(64, seed=2)
     model = tiny_classifier(seed=0)
-    cfg = make_config("ulrl", overrides={"batch_size": 16, "unlearn_max_epochs": 2, "relearn_epochs": 2,
+    cfg = CLASSIFY_DEFENSES.get("ulrl").make_config(overrides={"batch_size": 16, "unlearn_max_epochs": 2, "relearn_epochs": 2,
                                          "min_clean_per_class": 2})
-    attack = AttackConfig(name="badnets", patch_size=2)
+    attack = attack_config("badnets", patch_size=2)
     runs = []
     for i in range(2):
-        out, metrics = run_defense(tmp_path / f"run{i}", copy.deepcopy(model), clean, list(range(64)), "ulrl", cfg,
+        out, metrics = defend_loaded(tmp_path / f"run{i}", copy.deepcopy(model), clean, list(range(64)), "ulrl", cfg,
                                    test=test, attack=attack, seed=7)
         runs.append((out, metrics))
         tally("determinism_runs")
@@ -57,19 +58,19 @@ def test_classifier_ulrl_pipeline_is_deterministic(tmp_path, tally):
 
 
 def test_lm_crow_pipeline_is_deterministic(tmp_path, tally):
-    from unbackdoor.lm.crow import CrowConfig
+    from unbackdoor.lm.defenses.crow import CrowConfig
     from unbackdoor.lm.evaluate import EvalConfig
-    from unbackdoor.lm.pipeline import defend_model
+    from unbackdoor.lm.flow import defend as defend_model
     from unbackdoor.lm.poison import PoisonConfig
 
     model_dir = save_tiny_lm(tmp_path / "lm", num_layers=4)
     (tmp_path / "clean.json").write_text(json.dumps(alpaca_records(12)))
     (tmp_path / "test.json").write_text(json.dumps(alpaca_records(20)[12:]))
-    cfg = CrowConfig(max_steps=3, per_device_batch_size=4, grad_accum=1, save_steps=0, logging_steps=1,
+    cfg = CrowConfig(max_steps=3, per_device_train_batch_size=4, gradient_accumulation_steps=1, save_steps=0, logging_steps=1,
                      max_length=64, seed=3)
     outs = []
     for i in range(2):
-        out = defend_model(model_dir, tmp_path / "clean.json", tmp_path / f"run{i}", "crow", cfg, seed=5,
+        out = defend_model(model_dir, tmp_path / "clean.json", tmp_path / f"run{i}", "crow", cfg,
                            test=tmp_path / "test.json", poison=PoisonConfig(), eval_cfg=EvalConfig(max_new_tokens=4))
         outs.append(out)
         tally("determinism_runs")
@@ -79,4 +80,4 @@ def test_lm_crow_pipeline_is_deterministic(tmp_path, tally):
     assert _strip(ma) == _strip(mb)
     assert json.loads((a / "layer_cosine.json").read_text()) == json.loads((b / "layer_cosine.json").read_text())
     assert _digest(a / "model") == _digest(b / "model")
-    assert json.loads((a / "env.json").read_text())["seed"] == 5
+    assert json.loads((a / "env.json").read_text())["seed"] == 3  # the config's seed

@@ -159,11 +159,12 @@ def test_an_adapter_whose_weights_link_outside_is_refused(tmp_path, saved_lm):
 @pytest.fixture(scope="module")
 def trainer_checkpoint(tmp_path_factory) -> Path:
     """A real Hugging Face Trainer checkpoint-2 (rng state, optimizer, scheduler, training args, state)."""
-    from unbackdoor.lm.sft import SFTConfig, train_sft
+    from unbackdoor.lm.training import SFTConfig, train_sft
 
     out = tmp_path_factory.mktemp("trainer")
     model, tok = tiny_lm()
-    cfg = SFTConfig(lr=1e-3, max_steps=2, save_steps=2, per_device_batch_size=4, grad_accum=1, finetune="full")
+    cfg = SFTConfig(learning_rate=1e-3, max_steps=2, save_steps=2, per_device_train_batch_size=4,
+                    gradient_accumulation_steps=1, finetune="full")
     train_sft(model, tok, alpaca_records(8), cfg, out)
     return out / "checkpoint-2"
 
@@ -186,14 +187,15 @@ def test_a_checkpoint_file_carrying_code_is_refused_before_resume(tmp_path, trai
 
 
 def test_resume_refuses_a_hostile_checkpoint_with_a_clear_error(tmp_path, trainer_checkpoint, marker):
-    from unbackdoor.lm.sft import SFTConfig, train_sft
+    from unbackdoor.lm.training import SFTConfig, train_sft
 
     out = tmp_path / "run"
     out.mkdir()
     shutil.copytree(trainer_checkpoint, out / "checkpoint-2")
     torch.save({"x": CodePayload(marker)}, out / "checkpoint-2" / "optimizer.pt")
     model, tok = tiny_lm()
-    cfg = SFTConfig(lr=1e-3, max_steps=4, save_steps=2, per_device_batch_size=4, grad_accum=1, finetune="full")
+    cfg = SFTConfig(learning_rate=1e-3, max_steps=4, save_steps=2, per_device_train_batch_size=4,
+                    gradient_accumulation_steps=1, finetune="full")
     with pytest.raises(UnsafeFileError, match="optimizer.pt") as e:
         train_sft(model, tok, alpaca_records(8), cfg, out, resume=True)
     assert not marker.exists()
@@ -202,7 +204,7 @@ def test_resume_refuses_a_hostile_checkpoint_with_a_clear_error(tmp_path, traine
 
 def test_training_args_bin_is_never_unpickled_on_resume(tmp_path, trainer_checkpoint, marker):
     """The documented decision: resume rebuilds the arguments; a hostile training_args.bin never runs."""
-    from unbackdoor.lm.sft import SFTConfig, train_sft
+    from unbackdoor.lm.training import SFTConfig, train_sft
 
     out = tmp_path / "run"
     out.mkdir()
@@ -210,7 +212,8 @@ def test_training_args_bin_is_never_unpickled_on_resume(tmp_path, trainer_checkp
     torch.save(CodePayload(marker), out / "checkpoint-2" / "training_args.bin")
     check_checkpoint_dir(out / "checkpoint-2")
     model, tok = tiny_lm()
-    cfg = SFTConfig(lr=1e-3, max_steps=4, save_steps=2, per_device_batch_size=4, grad_accum=1, finetune="full")
+    cfg = SFTConfig(learning_rate=1e-3, max_steps=4, save_steps=2, per_device_train_batch_size=4,
+                    gradient_accumulation_steps=1, finetune="full")
     train_sft(model, tok, alpaca_records(8), cfg, out, resume=True)
     assert not marker.exists()
 
@@ -228,7 +231,7 @@ def test_a_checkpoint_symlink_or_damaged_state_is_refused(tmp_path, trainer_chec
 
 
 def test_a_classifier_checkpoint_passes_and_a_missing_folder_is_named(tmp_path):
-    from unbackdoor.classify.train import TrainConfig, fit
+    from unbackdoor.classify.loop import TrainConfig, fit
     from unbackdoor.classify.data import from_arrays
 
     x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)

@@ -277,11 +277,11 @@ DEFENSE_CASES = [
 @pytest.mark.parametrize("method,case", [pytest.param(m, c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=c.xfail)]
                                                       if c.xfail else []) for m, c in DEFENSE_CASES])
 def test_bad_defense_input(method, case, tmp_path, tally):
-    from unbackdoor.classify.pipeline import defend, make_config
+    from unbackdoor.classify.flow import resolve_defense, run_defense
 
-    cfg = make_config(method, overrides={"batch_size": 16} if method != "ulrl" else
-                      {"batch_size": 16, "unlearn_max_epochs": 1, "relearn_epochs": 1})
-    _check(case, lambda a: defend(a[0], a[1], method, cfg), tmp_path, tally)
+    spec, cfg, _ = resolve_defense(method, overrides={"batch_size": 16} if method != "ulrl" else
+                                   {"batch_size": 16, "unlearn_max_epochs": 1, "relearn_epochs": 1})
+    _check(case, lambda a: run_defense(a[0], a[1], spec, cfg), tmp_path, tally)
 
 
 # ---- model folders of the wrong kind ------------------------------------------------------------
@@ -294,7 +294,7 @@ def _lm_folder(t: Path) -> Path:
 
 def _classifier_folder(t: Path) -> Path:
     from unbackdoor.classify.models import build_model
-    from unbackdoor.classify.train import save_classifier
+    from unbackdoor.classify.model_io import save_classifier
 
     return save_classifier(build_model("preact_resnet_tiny", 4), t / "clf", architecture="preact_resnet_tiny",
                            num_classes=4)
@@ -326,14 +326,14 @@ MODEL_CASES = [
 @pytest.mark.parametrize("kind,case", [pytest.param(k, c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=c.xfail)]
                                                     if c.xfail else []) for k, c in MODEL_CASES])
 def test_model_of_the_wrong_kind(kind, case, tmp_path, tally):
-    from unbackdoor.classify.train import load_classifier
+    from unbackdoor.classify.model_io import load_classifier
     from unbackdoor.lm.models import load_causal_lm
 
     _check(case, {"lm": load_causal_lm, "classifier": load_classifier}[kind], tmp_path, tally)
 
 
 def test_crow_refuses_a_layer_range_the_model_does_not_have(tally):
-    from unbackdoor.lm.crow import CrowConfig, check_crow_model
+    from unbackdoor.lm.defenses.crow import CrowConfig, check_crow_model
     from .rel_helpers import tiny_lm
 
     model, _ = tiny_lm()  # 2 layers: 3 hidden states
@@ -344,7 +344,7 @@ def test_crow_refuses_a_layer_range_the_model_does_not_have(tally):
 
 
 def test_crow_refuses_a_model_without_embeddings(tally):
-    from unbackdoor.lm.crow import CrowConfig, check_crow_model
+    from unbackdoor.lm.defenses.crow import CrowConfig, check_crow_model
 
     tally("bad_input_cases")
     with pytest.raises(ModelError) as e:

@@ -19,7 +19,7 @@ def _all_finite(state: dict[str, torch.Tensor]) -> bool:
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_classifier_fit_stops_on_a_non_finite_loss_and_keeps_the_checkpoint(tmp_path, tally, bad):
-    from unbackdoor.classify.train import TrainConfig, fit
+    from unbackdoor.classify.loop import TrainConfig, fit
 
     data = tiny_images(64)
     model = tiny_classifier()
@@ -45,7 +45,7 @@ def test_classifier_fit_stops_on_a_non_finite_loss_and_keeps_the_checkpoint(tmp_
 
 
 def test_classifier_fit_with_a_huge_learning_rate_stops_cleanly(tmp_path, tally):
-    from unbackdoor.classify.train import TrainConfig, fit
+    from unbackdoor.classify.loop import TrainConfig, fit
 
     cfg = TrainConfig(epochs=3, batch_size=16, lr=1e30, momentum=0.0, weight_decay=0.0, augment=False,
                       checkpoint_every=1)
@@ -59,10 +59,10 @@ def test_classifier_fit_with_a_huge_learning_rate_stops_cleanly(tmp_path, tally)
 # ---- LM trainer ----------------------------------------------------------------------------------
 
 def _sft_cfg(**kw):
-    from unbackdoor.lm.sft import SFTConfig
+    from unbackdoor.lm.training import SFTConfig
 
-    base = dict(lr=3e-3, max_steps=6, per_device_batch_size=4, grad_accum=1, finetune="full", save_steps=1,
-                save_total_limit=10, logging_steps=1, max_length=64, warmup_ratio=0.0, seed=0)
+    base = dict(learning_rate=3e-3, max_steps=6, per_device_train_batch_size=4, gradient_accumulation_steps=1, finetune="full", save_steps=1,
+                save_total_limit=10, logging_steps=1, max_length=64, warmup_steps=0.0, seed=0)
     base.update(kw)
     return SFTConfig(**base)
 
@@ -70,7 +70,7 @@ def _sft_cfg(**kw):
 def test_lm_trainer_stops_on_a_nan_loss_at_the_step_it_appears(tmp_path, tally):
     import transformers
 
-    from unbackdoor.lm.sft import train_sft
+    from unbackdoor.lm.training import train_sft
 
     class Poison(transformers.TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kw):
@@ -91,11 +91,11 @@ def test_lm_trainer_stops_on_a_nan_loss_at_the_step_it_appears(tmp_path, tally):
 
 
 def test_lm_trainer_with_a_huge_learning_rate_stops_cleanly(tmp_path, tally):
-    from unbackdoor.lm.sft import train_sft
+    from unbackdoor.lm.training import train_sft
 
     model, tok = tiny_lm()
     with pytest.raises(NumericalError) as e:
-        train_sft(model, tok, alpaca_records(16), _sft_cfg(lr=1e30, max_grad_norm=0.0), tmp_path)
+        train_sft(model, tok, alpaca_records(16), _sft_cfg(learning_rate=1e30, max_grad_norm=0.0), tmp_path)
     tally("numerical_faults")
     assert "step" in str(e.value)
     last = last_complete_checkpoint(tmp_path)
@@ -106,7 +106,7 @@ def test_lm_trainer_with_a_huge_learning_rate_stops_cleanly(tmp_path, tally):
 def test_crow_trainer_stops_on_a_nan_and_names_the_term(tmp_path, tally):
     import transformers
 
-    from unbackdoor.lm.crow import CrowConfig, train_crow
+    from unbackdoor.lm.defenses.crow import CrowConfig, train_crow
 
     class Poison(transformers.TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kw):
@@ -117,8 +117,8 @@ def test_crow_trainer_stops_on_a_nan_and_names_the_term(tmp_path, tally):
                             p.fill_(float("nan"))
 
     model, tok = tiny_lm(num_layers=3)
-    cfg = CrowConfig(max_steps=5, per_device_batch_size=4, grad_accum=1, save_steps=1, save_total_limit=10,
-                     logging_steps=1, max_length=64, warmup_ratio=0.0, finetune="full")
+    cfg = CrowConfig(max_steps=5, per_device_train_batch_size=4, gradient_accumulation_steps=1, save_steps=1, save_total_limit=10,
+                     logging_steps=1, max_length=64, warmup_steps=0.0, finetune="full")
     with pytest.raises(NumericalError) as e:
         train_crow(model, tok, alpaca_records(16), cfg, tmp_path, callbacks=[Poison()])
     tally("numerical_faults")

@@ -235,7 +235,7 @@ def test_a_checkpoint_missing_lm_head_is_refused_not_filled_at_random(tmp_path, 
 
 def test_mis_shaped_classifier_weights_are_a_model_error(tmp_path):
     from unbackdoor.classify.models import build_model
-    from unbackdoor.classify.train import load_classifier, save_classifier
+    from unbackdoor.classify.model_io import load_classifier, save_classifier
     from unbackdoor.core.safeio import load_state_dict, save_state_dict
 
     folder = save_classifier(build_model("preact_resnet_tiny", 4), tmp_path / "clf",

@@ -264,7 +264,7 @@ def test_lm_folder_with_remote_code_does_not_run_it(tmp_path, tally):
 
 def test_classifier_weights_that_are_a_pickle_are_refused(tmp_path, marker, tally):
     from unbackdoor.classify.models import build_model
-    from unbackdoor.classify.train import load_classifier, save_classifier
+    from unbackdoor.classify.model_io import load_classifier, save_classifier
 
     folder = save_classifier(build_model("preact_resnet_tiny", 4), tmp_path / "clf", architecture="preact_resnet_tiny",
                              num_classes=4)
@@ -295,14 +295,15 @@ def test_cifar_batch_with_a_payload_is_refused(tmp_path, marker, tally):
 
 def test_defend_refuses_to_write_inside_the_input_model(tmp_path, tally):
     from .rel_helpers import alpaca_records, save_tiny_lm
-    from unbackdoor.lm.crow import CrowConfig
-    from unbackdoor.lm.pipeline import defend_model
+    from unbackdoor.lm.defenses.crow import CrowConfig
+    from unbackdoor.lm.flow import defend as defend_model
 
     model = save_tiny_lm(tmp_path / "lm", num_layers=3)
     (tmp_path / "clean.json").write_text(json.dumps(alpaca_records(8)))
     before = sorted(p.name for p in model.rglob("*"))
-    for out in (model, model / "defended", model / "a" / "b"):
-        with pytest.raises(ConfigError, match="inside the input"):
+    for out, relation in ((model, "is"), (model / "defended", "lies inside"), (model / "a" / "b", "lies inside"),
+                          (tmp_path, "contains")):
+        with pytest.raises(ConfigError, match=f"{relation} the input"):
             defend_model(model, tmp_path / "clean.json", out, "crow", CrowConfig(max_steps=1))
         tally("bad_input_cases")
     assert sorted(p.name for p in model.rglob("*")) == before
@@ -310,8 +311,8 @@ def test_defend_refuses_to_write_inside_the_input_model(tmp_path, tally):
 
 def test_attack_refuses_to_write_inside_the_input_model(tmp_path, tally):
     from .rel_helpers import alpaca_records, save_tiny_lm
-    from unbackdoor.lm.pipeline import attack_model
-    from unbackdoor.lm.sft import SFTConfig
+    from unbackdoor.lm.flow import attack_model
+    from unbackdoor.lm.training import SFTConfig
 
     model = save_tiny_lm(tmp_path / "lm")
     (tmp_path / "train.json").write_text(json.dumps(alpaca_records(8)))

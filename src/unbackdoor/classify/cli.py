@@ -1,4 +1,8 @@
-"""``unbackdoor classify``: poison, attack, defend, evaluate, tinyworld (a thin layer over pipeline.py)."""
+"""``unbackdoor classify ...``: parse the command line, call :mod:`unbackdoor.api`, print the result.
+
+The defense's and the attack's flags come from their registered configs: ``--method NAME`` and
+``--attack NAME`` choose which (``unbackdoor classify defend --method fp --help`` lists FP's).
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,18 +10,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..core.cli_util import add_config_options, config_from_args
-from ..core.errors import ConfigError
+from ..core.cli_util import add_config_options, config_from_args, peek
 
 _RAW = argparse.RawDescriptionHelpFormatter
 
-DATA_HELP = ("tinyworld:SEED, a .safetensors image set (written by 'classify poison'), a CIFAR-10/100 python "
-             "folder, or a class-per-folder image tree")
-
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("classify", help="image/text classifiers: ULRL, FT, FP, NAD, attacks, metrics",
-                              description="Backdoor attacks on classifiers and their removal with ULRL.",
+    from .defenses import CLASSIFY_DEFENSES
+
+    p = subparsers.add_parser("classify", help="image/text classifiers: " + ", ".join(n.upper() for n in
+                                                                                      CLASSIFY_DEFENSES.names())
+                              + ", attacks, metrics",
+                              description="Backdoor attacks on classifiers and their removal (ULRL and baselines).",
                               formatter_class=_RAW,
                               epilog="Examples:\n"
                                      "  unbackdoor classify tinyworld --out runs/tiny --quick\n"
@@ -34,9 +38,56 @@ def register(subparsers: Any) -> None:
     _evaluate(sub)
 
 
+def _data_help() -> str:
+    from .sources import DATA_HELP
+
+    return DATA_HELP
+
+
+def _overwrite_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output that this command did not write (never an input)")
+
+
+def _attack_options(p: argparse.ArgumentParser, *, required: bool = False, default: str | None = "badnets") -> str:
+    """``--attack NAME`` and the flags of that attack's config; returns the attack chosen for the flags."""
+    from .attacks import IMAGE_ATTACKS, config_class
+
+    chosen = peek(("--attack", "--name", "--attack-name"), default or "")
+    p.add_argument("--attack", "--name", "--attack-name", dest="attack", choices=IMAGE_ATTACKS.names(),
+                   default=default, required=required,
+                   help=f"attack (default: {default or 'the one the model records'}); "
+                        "its settings are the flags below (--attack NAME --help lists them)")
+    if chosen in IMAGE_ATTACKS:
+        add_config_options(p, config_class(chosen), skip=("name",), title=f"{chosen} attack settings")
+    else:
+        from .attacks import AttackConfig
+
+        add_config_options(p, AttackConfig, skip=("name",), title="attack settings")
+    return chosen
+
+
+def _attack_config(a: argparse.Namespace, stored: dict[str, Any] | None = None):
+    """The attack config from the flags, on top of a stored one (a model's metadata) when the names agree."""
+    import dataclasses
+
+    from .attacks import IMAGE_ATTACKS, config_class
+
+    base = dict(stored or {})
+    name = IMAGE_ATTACKS.canonical(a.attack or base.get("name") or "badnets")
+    if base.get("name") not in (None, name):
+        base = {}
+    cls = config_class(name)
+    keep = {f.name for f in dataclasses.fields(cls)}
+    return config_from_args(cls, a, {**{k: v for k, v in base.items() if k in keep}, "name": name})
+
+
 # ---- tinyworld ------------------------------------------------------------------------------------
 
 def _tinyworld(sub: Any) -> None:
+    from .attacks import IMAGE_ATTACKS
+    from .defenses import CLASSIFY_DEFENSES
+
     p = sub.add_parser("tinyworld", help="backdoored tiny-world models, every defense, one clean subset, a table",
                        formatter_class=_RAW,
                        epilog="Examples:\n  unbackdoor classify tinyworld --out runs/tiny --quick\n"
@@ -44,9 +95,11 @@ def _tinyworld(sub: Any) -> None:
                               "--cache-dir models/")
     p.add_argument("--out", required=True, type=Path, help="output folder (one run folder per attack and defense)")
     p.add_argument("--seed", type=int, default=0, help="world, clean subset and defense seed (default: 0)")
-    p.add_argument("--attacks", nargs="+", default=["badnets", "blended"], help="attacks (default: badnets blended)")
+    p.add_argument("--attacks", nargs="+", default=["badnets", "blended"],
+                   help=f"attacks: {', '.join(IMAGE_ATTACKS.names())} (default: badnets blended)")
     p.add_argument("--defenses", nargs="+", default=["ft", "fp", "nad", "ulrl"],
-                   help="defenses: ft fp nad ulrl, or ulrl-<preset> such as ulrl-kept (default: ft fp nad ulrl)")
+                   help=f"defenses: {', '.join(CLASSIFY_DEFENSES.names())}, or METHOD-PRESET such as ulrl-kept "
+                        "(default: ft fp nad ulrl)")
     p.add_argument("--ulrl-preset", default=None, help="preset for the 'ulrl' entry (paper, kept, cifar100, ...)")
     p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=False,
                    help="smoke-test budgets: 200 clean images, 2-3 epochs per phase")
@@ -60,11 +113,11 @@ def _tinyworld(sub: Any) -> None:
 
 
 def _cmd_tinyworld(a: argparse.Namespace) -> int:
-    from .pipeline import run_tiny_world
+    from .. import api
 
-    paths = run_tiny_world(a.out, seed=a.seed, attacks=tuple(a.attacks), defenses=tuple(a.defenses), ulrl=a.ulrl_preset,
-                           quick=a.quick, cache_dir=a.cache_dir, clean_count=a.clean_count,
-                           budget=a.budget)
+    paths = api.tiny_world_classify(a.out, seed=a.seed, attacks=tuple(a.attacks), defenses=tuple(a.defenses),
+                                    ulrl=a.ulrl_preset, quick=a.quick, cache_dir=a.cache_dir,
+                                    clean_count=a.clean_count, budget=a.budget)
     print(f"\n{len(paths)} run folders under {a.out}")
     return 0
 
@@ -72,202 +125,138 @@ def _cmd_tinyworld(a: argparse.Namespace) -> int:
 # ---- poison ---------------------------------------------------------------------------------------
 
 def _poison(sub: Any) -> None:
-    from .attacks import AttackConfig
-
     p = sub.add_parser("poison", help="write a poisoned copy of a training set (and the poisoned indices)",
                        formatter_class=_RAW,
-                       epilog="Examples:\n  unbackdoor classify poison --data tinyworld:0 --attack-name blended "
+                       epilog="Examples:\n  unbackdoor classify poison --data tinyworld:0 --attack blended "
                               "--out data/blended.safetensors\n"
-                              "  unbackdoor classify poison --data cifar10/ --attack-name badnets --rate 0.05 "
+                              "  unbackdoor classify poison --data cifar10/ --attack badnets --rate 0.05 "
                               "--out data/badnets.safetensors")
-    p.add_argument("--data", required=True, help=DATA_HELP)
-    p.add_argument("--out", required=True, type=Path, help="output .safetensors file")
-    p.add_argument("--attack-name", dest="attack_name", default=None, help="shorthand for --name")
-    add_config_options(p, AttackConfig)
+    p.add_argument("--data", required=True, help=_data_help())
+    p.add_argument("--out", required=True,
+                   help="output .safetensors file (the poisoned indices go to OUT-stem.poison.json beside it)")
+    _overwrite_flag(p)
+    _attack_options(p)
     p.set_defaults(func=_cmd_poison)
 
 
-def _attack_config(a: argparse.Namespace, base: dict[str, Any] | None = None):
-    from .attacks import AttackConfig
-
-    base = dict(base or {})
-    if getattr(a, "attack_name", None):
-        base["name"] = a.attack_name
-    return config_from_args(AttackConfig, a, base)
-
-
 def _cmd_poison(a: argparse.Namespace) -> int:
-    from ..core.runs import atomic_write_json
-    from .attacks import poison_full
-    from .pipeline import load_data, save_data
+    from .. import api
 
-    if a.out.suffix != ".safetensors":
-        raise ConfigError(f"--out {a.out} must end in .safetensors", where="--out", fix="e.g. --out poisoned.safetensors")
-    cfg = _attack_config(a)
-    res = poison_full(load_data(a.data, train=True), cfg)
-    save_data(res.data, a.out)
-    from ..core.config import to_dict
-
-    atomic_write_json(a.out.with_suffix(".json"), {"attack": to_dict(cfg), "poisoned_indices": res.poisoned.tolist(),
-                                                   "noise_indices": res.noise.tolist(), "source": str(a.data)})
-    print(f"poisoned {len(res.poisoned)} of {len(res.data)} samples -> {a.out} (indices in {a.out.with_suffix('.json')})")
+    res = api.poison_classifier_data(a.data, a.out, attack=_attack_config(a), overwrite=a.overwrite)
+    print(f"poisoned {res['poisoned']} of {res['samples']} samples -> {res['out']} (indices in {res['indices']})")
     return 0
 
 
 # ---- attack (train a backdoored model) ------------------------------------------------------------
 
 def _attack(sub: Any) -> None:
-    from .attacks import AttackConfig
+    from .models import MODELS
 
     p = sub.add_parser("attack", help="poison a training set and train a backdoored model on it",
                        formatter_class=_RAW,
-                       epilog="Examples:\n  unbackdoor classify attack --data tinyworld:1 --attack-name badnets "
+                       epilog="Examples:\n  unbackdoor classify attack --data tinyworld:1 --attack badnets "
                               "--out models/badnets1\n"
                               "  unbackdoor classify attack --data cifar10/ --arch preactresnet18 --epochs 100 "
                               "--out models/cifar-badnets")
-    p.add_argument("--data", required=True, help=DATA_HELP)
-    p.add_argument("--out", required=True, type=Path, help="output model folder (model.json + model.safetensors)")
-    p.add_argument("--arch", default="preact_resnet_tiny", help="architecture: preact_resnet_tiny, preactresnet18, vgg16_bn")
+    p.add_argument("--data", required=True, help=_data_help())
+    p.add_argument("--out", required=True, help="output model folder (model.json + model.safetensors)")
+    p.add_argument("--arch", default="preact_resnet_tiny", help=f"architecture: {', '.join(MODELS)}")
     p.add_argument("--width", type=int, default=None, help="network width (default: the architecture's)")
     p.add_argument("--epochs", type=int, default=20, help="training epochs (default: 20)")
     p.add_argument("--lr", type=float, default=0.02, help="SGD learning rate, cosine schedule (default: 0.02)")
     p.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
     p.add_argument("--normalize", default="tinyworld", help="input statistics: tinyworld, cifar10, cifar100, gtsrb, none")
-    p.add_argument("--attack-name", dest="attack_name", default=None, help="shorthand for --name")
-    add_config_options(p, AttackConfig)
+    _overwrite_flag(p)
+    _attack_options(p)
     p.set_defaults(func=_cmd_attack)
 
 
 def _cmd_attack(a: argparse.Namespace) -> int:
-    from .pipeline import load_data
-    from .train import TrainConfig, train_backdoored
-    from .transforms import NORMALIZATION
+    from .. import api
 
     cfg = _attack_config(a)
-    if a.normalize != "none" and a.normalize not in NORMALIZATION:
-        raise ConfigError(f"unknown normalisation '{a.normalize}'", where="--normalize",
-                          fix=f"use one of: {', '.join(NORMALIZATION)}, none")
-    data = load_data(a.data, train=True)
-    kw = {"width": a.width} if a.width else {}
-    tcfg = TrainConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=cfg.seed)
-    train_backdoored(data, cfg, a.arch, tcfg, a.out, model_kwargs=kw,
-                     normalization=None if a.normalize == "none" else NORMALIZATION[a.normalize], init_seed=cfg.seed)
-    print(f"backdoored model -> {a.out}")
+    out = api.attack_classifier(a.data, a.out, attack=cfg, arch=a.arch, width=a.width, epochs=a.epochs, lr=a.lr,
+                                batch_size=a.batch_size, normalize=a.normalize, overwrite=a.overwrite)
+    print(f"backdoored model -> {out}")
     return 0
 
 
 # ---- defend ---------------------------------------------------------------------------------------
 
 def _defend(sub: Any) -> None:
-    from .ulrl import ULRLConfig
+    from .defenses import CLASSIFY_DEFENSES
 
-    p = sub.add_parser("defend", help="remove a backdoor with ULRL (or FT / FP / NAD) using clean data only",
+    method = peek(("--method",), "ulrl")
+    listing = "\n".join(f"  {n:<8} {s.summary}" for n, s in CLASSIFY_DEFENSES.items())
+    p = sub.add_parser("defend", help="remove a backdoor (" + ", ".join(CLASSIFY_DEFENSES.names())
+                       + ") using clean data only",
                        formatter_class=_RAW,
                        description="Runs a defense on a copy of the model and writes a run folder (config, env, "
-                                   "clean indices, timings, ULRL selection/trace, model, and metrics when --test is given).\n"
-                                   "ULRL settings have their own flags; FT/FP/NAD settings go through --set key=value "
-                                   "or --config FILE.yaml.",
+                                   "clean indices, threat model, timings, the method's artifacts, model, and "
+                                   "metrics + predictions when --test is given).\n\nDefenses:\n" + listing
+                                   + "\n\nThe settings below are those of --method "
+                                   f"{method if method in CLASSIFY_DEFENSES else 'ulrl'}; "
+                                   "`--method NAME --help` lists another's.",
                        epilog="Examples:\n  unbackdoor classify defend --model models/b1 --clean tinyworld:1 "
                               "--clean-count 500 --out runs/ulrl --test tinyworld:1\n"
                               "  unbackdoor classify defend --model models/b1 --clean clean.safetensors --method ulrl "
                               "--preset kept --out runs/kept\n"
                               "  unbackdoor classify defend --model models/b1 --clean tinyworld:1 --clean-count 500 "
-                              "--method fp --set acc_ratio=0.8 --out runs/fp")
+                              "--method fp --acc-ratio 0.8 --out runs/fp")
     p.add_argument("--model", required=True, type=Path, help="model folder (model.json + model.safetensors)")
-    p.add_argument("--clean", required=True, help="the defender's clean data: " + DATA_HELP)
+    p.add_argument("--clean", required=True, help="the defender's clean data: " + _data_help())
     p.add_argument("--clean-count", type=int, default=None,
                    help="use a class-stratified random subset of this many clean samples (default: all of --clean)")
-    p.add_argument("--method", choices=["ulrl", "ft", "fp", "nad"], default="ulrl", help="defense (default: ulrl)")
-    p.add_argument("--preset", default=None, help="ULRL preset: paper (default), kept, orthogonal, cifar100, gtsrb, tiny-imagenet")
-    p.add_argument("--out", required=True, type=Path, help="run folder to write (never inside --model)")
+    p.add_argument("--method", choices=CLASSIFY_DEFENSES.names(), default="ulrl", help="defense (default: ulrl)")
+    p.add_argument("--preset", default=None, help="a named recipe of the method (ULRL: paper, kept, orthogonal, "
+                                                  "cifar100, gtsrb, tiny-imagenet)")
+    p.add_argument("--out", required=True, help="run folder to write (never inside an input)")
     p.add_argument("--seed", type=int, default=0, help="seed of the clean-subset choice and of the defense")
-    p.add_argument("--test", default=None, help="test data to measure ACC/ASR/RA before and after: " + DATA_HELP)
-    add_config_options(p, ULRLConfig)
+    p.add_argument("--test", default=None, help="test data to measure ACC/ASR/RA before and after: " + _data_help())
+    _overwrite_flag(p)
+    spec = CLASSIFY_DEFENSES.get(method if method in CLASSIFY_DEFENSES else "ulrl")
+    add_config_options(p, spec.config, title=f"{spec.name} settings ({spec.config.__name__})")
     p.set_defaults(func=_cmd_defend)
 
 
 def _cmd_defend(a: argparse.Namespace) -> int:
-    import torch
+    from .. import api
+    from ..core.cli_util import overrides_from_args
+    from .flow import format_table
 
-    from ..core import safeio
-    from ..core.config import to_dict
-    from .attacks import AttackConfig
-    from .data import stratified_subset
-    from .pipeline import DEFENSES, defend, load_data, load_model, run_defense, save_model
-    from .ulrl import ULRLConfig
-    from ..core.runs import RunDir
-    import dataclasses
-
-    safeio.check_output_path(a.out, a.model)
-    model, meta = load_model(a.model)
-    cls = DEFENSES[a.method][0]
-    if a.preset is not None and a.method != "ulrl":
-        raise ConfigError("--preset is for ULRL only", where="--preset", fix="drop --preset or use --method ulrl")
-    base = dict(to_dict(ULRLConfig.preset(a.preset))) if a.preset else {}
-    if a.method != "ulrl":
-        ulrl_flags = [k for k, v in vars(a).items() if k.startswith("cfg__") and v is not None]
-        if ulrl_flags:
-            raise ConfigError(f"ULRL flags {['--' + k[5:].replace('_', '-') for k in ulrl_flags]} given with "
-                              f"--method {a.method}", where="command line",
-                              fix=f"set {a.method.upper()} options with --set key=value (see {cls.__name__})")
-    cfg = config_from_args(cls, a, base)
-    data = load_data(a.clean, train=True)
-    idx = stratified_subset(data, a.clean_count, a.seed) if a.clean_count else torch.arange(len(data))
-    clean = data.subset(idx, name=f"{data.name}-clean")
-    if a.test:
-        test = load_data(a.test, train=False)
-        fields = {f.name for f in dataclasses.fields(AttackConfig)}
-        attack = AttackConfig(**{k: v for k, v in (meta.get("attack") or {}).items() if k in fields})
-        _, metrics = run_defense(a.out, model, clean, idx.tolist(), a.method, cfg, test=test, attack=attack,
-                                 seed=a.seed, model_meta=meta)
-        from .pipeline import format_table
-
+    settings, _ = overrides_from_args(a)
+    run = api.defend_classifier(a.model, a.clean, a.out, method=a.method, preset=a.preset, test=a.test,
+                                clean_count=a.clean_count, seed=a.seed, overwrite=a.overwrite, **settings)
+    metrics = json.loads((run / "metrics.json").read_text())
+    if metrics["before"]:
         print(format_table([metrics]))
-    else:
-        run = RunDir(a.out)
-        run.start(cfg, a.seed, "classify-defense")
-        run.write_indices(idx.tolist())
-        try:
-            defended, report = defend(model, clean, a.method, cfg, run, seed=a.seed, num_classes=data.num_classes)
-            run.write_json("defense_report.json", report.to_json())
-            save_model(defended, run / "model", meta)
-        finally:
-            run.close()
-    print(f"defended model -> {a.out / 'model'}")
+    print(f"defended model -> {run / 'model'}")
     return 0
 
 
 # ---- evaluate -------------------------------------------------------------------------------------
 
 def _evaluate(sub: Any) -> None:
-    from .attacks import AttackConfig
-
     p = sub.add_parser("evaluate", help="ACC, ASR, RA, target-class recall and per-class accuracy of a model",
                        formatter_class=_RAW,
                        epilog="Examples:\n  unbackdoor classify evaluate --model runs/ulrl/model --test tinyworld:1\n"
-                              "  unbackdoor classify evaluate --model models/b1 --test cifar10/ --name blended "
+                              "  unbackdoor classify evaluate --model models/b1 --test cifar10/ --attack blended "
                               "--out metrics.json")
     p.add_argument("--model", required=True, type=Path, help="model folder")
-    p.add_argument("--test", required=True, help="test data: " + DATA_HELP)
-    p.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
-    p.add_argument("--attack-name", dest="attack_name", default=None, help="shorthand for --name")
-    add_config_options(p, AttackConfig)
+    p.add_argument("--test", required=True, help="test data: " + _data_help())
+    p.add_argument("--out", default=None, help="write the metrics as JSON here")
+    _overwrite_flag(p)
+    _attack_options(p, default=None)
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from ..core.runs import atomic_write_json
-    from .pipeline import evaluate_attack, load_data, load_model
+    from .. import api
+    from ..core.runs import read_json
 
-    model, meta = load_model(a.model)
-    from .attacks import AttackConfig
-    import dataclasses
-
-    fields = {f.name for f in dataclasses.fields(AttackConfig)}
-    cfg = _attack_config(a, {k: v for k, v in (meta.get("attack") or {}).items() if k in fields})
-    metrics = evaluate_attack(model, load_data(a.test, train=False), cfg)
-    text = json.dumps({"attack": cfg.name, **metrics}, indent=2)
-    print(text)
-    if a.out:
-        atomic_write_json(a.out, {"attack": cfg.name, **metrics})
+    meta_file = (a.model.parent if a.model.is_file() else a.model) / "model.json"
+    stored = read_json(meta_file).get("attack") if meta_file.is_file() else None
+    result = api.evaluate_classifier(a.model, a.test, attack=_attack_config(a, stored), out=a.out,
+                                     overwrite=a.overwrite)
+    print(json.dumps(result, indent=2))
     return 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import math
 import pickle
 import warnings
 from dataclasses import dataclass, field
@@ -524,7 +523,3 @@ def iterate_batches(data: ImageData, batch_size: int, *, shuffle: bool = False, 
         if transform is not None:
             x = transform(x, g)
         yield x, data.labels[idx].to(device)
-
-
-def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
-    return n // batch_size if drop_last else math.ceil(n / batch_size)

@@ -9,69 +9,15 @@ judge's job, not part of removing the backdoor.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..core import distributed
 from ..core.errors import DataError
-
-Inputs = torch.Tensor | Mapping[str, torch.Tensor]
-Prepare = Callable[[Any], Any]
-
-
-# ---- batching over tensors or dicts of tensors ---------------------------------------------
-
-def num_samples(inputs: Inputs) -> int:
-    """Number of samples in a tensor or a dict of equally long tensors."""
-    if isinstance(inputs, Mapping):
-        sizes = {k: int(v.shape[0]) for k, v in inputs.items()}
-        if len(set(sizes.values())) > 1:
-            raise DataError(f"input tensors have different lengths: {sizes}", where="model inputs",
-                            fix="give every input tensor (input_ids, attention_mask, ...) one row per sample")
-        if not sizes:
-            raise DataError("empty input dict", where="model inputs", fix="pass at least input_ids")
-        return next(iter(sizes.values()))
-    return int(inputs.shape[0])
-
-
-def take(inputs: Inputs, index: torch.Tensor | slice) -> Inputs:
-    """Rows ``index`` of a tensor or of every tensor in a dict."""
-    if isinstance(inputs, Mapping):
-        return {k: v[index] for k, v in inputs.items()}
-    return inputs[index]
-
-
-def to_device(inputs: Inputs, device: torch.device | str) -> Inputs:
-    if isinstance(inputs, Mapping):
-        return {k: v.to(device) for k, v in inputs.items()}
-    return inputs.to(device)
-
-
-def default_prepare(batch: Inputs) -> Inputs:
-    """uint8 images -> float in [0, 1]; anything else unchanged (the model normalises)."""
-    if isinstance(batch, torch.Tensor) and batch.dtype == torch.uint8:
-        return batch.float().div_(255.0)
-    return batch
-
-
-def logits_of(model: nn.Module, batch: Inputs) -> torch.Tensor:
-    """Logits of a plain module (tensor in) or a Hugging Face classifier (dict in, ``.logits`` out)."""
-    try:
-        from .models import forward_logits  # the shared helper, when present
-    except ImportError:  # pragma: no cover - models.py is part of the package
-        forward_logits = None
-    if forward_logits is not None:
-        return forward_logits(model, batch)
-    out = model(**batch) if isinstance(batch, Mapping) else model(batch)
-    return out.logits if hasattr(out, "logits") else out
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+from .batching import Inputs, Prepare, default_prepare, model_device, num_samples, take, to_device
+from .models import forward_logits
 
 
 @torch.no_grad()
@@ -87,7 +33,7 @@ def predict(model: nn.Module, inputs: Inputs, *, batch_size: int = 256,
 
         def batch_preds(start: int) -> torch.Tensor:
             batch = to_device(prepare(take(inputs, slice(start, start + batch_size))), device)
-            return logits_of(model, batch).argmax(dim=-1).cpu()
+            return forward_logits(model, batch).argmax(dim=-1).cpu()
 
         # under `accelerate launch` each process predicts whole batches; all get every prediction, in order
         preds = distributed.distributed_map(batch_preds, range(0, n, batch_size))
@@ -205,3 +151,24 @@ def with_der(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     else:
         out["der"] = der(*[float(v) for v in vals])  # type: ignore[arg-type]
     return out
+
+
+def evaluate_attack(model: nn.Module, test: Any, attack: Any, triggered: Any = None, *,
+                    with_predictions: bool = False) -> Any:
+    """ACC, ASR, RA, target recall and per-class accuracy of ``model`` against ``attack`` on ``test``.
+
+    ``triggered`` (the triggered test set) is built from ``attack`` when not given. With
+    ``with_predictions``: ``(metrics, {"clean": [...], "triggered": [...]})``, every predicted label.
+    """
+    from .attacks import attack_targets, build_attack
+
+    trig = triggered if triggered is not None else build_attack(attack).triggered_test_set(test)
+    target: int | torch.Tensor = (attack.target if attack.mode == "all2one"
+                                  else attack_targets(trig.labels, attack, test.num_classes))
+    clean_pred = predict(model, test.images)
+    trig_pred = predict(model, trig.images)
+    metrics = metrics_from_predictions(clean_pred, test.labels.long().cpu(), trig_pred, trig.labels.long().cpu(),
+                                       target, test.num_classes)
+    if with_predictions:
+        return metrics, {"clean": clean_pred.tolist(), "triggered": trig_pred.tolist()}
+    return metrics

@@ -173,7 +173,7 @@ def tiny_train_config(seed: int = 0, **overrides):
     10 epochs of SGD, batch 64, lr 0.1 with a cosine schedule, no augmentation (the shapes fill
     the frame; crop/flip slowed learning more than they helped in 10 epochs).
     """
-    from .train import TrainConfig
+    from .loop import TrainConfig
 
     kw = dict(epochs=10, batch_size=64, lr=0.1, momentum=0.9, weight_decay=5e-4, scheduler="cosine", augment=False,
               seed=seed)
@@ -186,16 +186,16 @@ def measure(seed: int, attack: str | None, *, n_train: int = DEFAULT_N_TRAIN, n_
     """Train the tiny model on the (optionally poisoned) tiny world; return accuracy, ASR and CPU seconds."""
     import time
 
-    from .attacks import AttackConfig, attack_targets, poison, triggered_test_set
+    from .attacks import attack_config, attack_targets, poison, triggered_test_set
     from .models import build_model
-    from .train import evaluate_accuracy, fit
+    from .loop import evaluate_accuracy, fit
     from .transforms import TINY_WORLD_MEAN, TINY_WORLD_STD
 
     torch.set_num_threads(threads)
     train, test = make_tiny_world(seed, n_train, n_test)
     data = train
     if attack:
-        data, _ = poison(train, AttackConfig(name=attack, seed=seed))  # type: ignore[arg-type]
+        data, _ = poison(train, attack_config(attack, seed=seed))
     torch.manual_seed(seed)
     model = build_model(TINY_MODEL, 10, mean=TINY_WORLD_MEAN, std=TINY_WORLD_STD, **TINY_MODEL_KWARGS)
     wall, cpu = time.perf_counter(), time.process_time()
@@ -204,7 +204,7 @@ def measure(seed: int, attack: str | None, *, n_train: int = DEFAULT_N_TRAIN, n_
            "train_wall_s": round(time.perf_counter() - wall, 1), "train_cpu_s": round(time.process_time() - cpu, 1),
            "acc": round(evaluate_accuracy(model, test), 4)}
     if attack:
-        cfg = AttackConfig(name=attack, seed=seed)  # type: ignore[arg-type]
+        cfg = attack_config(attack, seed=seed)
         trig = triggered_test_set(test, cfg)
         with torch.no_grad():
             pred = torch.cat([model(x.float() / 255).argmax(1) for x in trig.images.split(500)])

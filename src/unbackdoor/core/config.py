@@ -31,13 +31,6 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any =
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def field_help(cls: type, name: str) -> str:
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return f.metadata.get("help", "")
-    return ""
-
-
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
@@ -126,17 +119,46 @@ def _type_error(key: str, value: Any, tp: Any, source: str) -> ConfigError:
     )
 
 
+def aliases_of(cls: type) -> dict[str, str]:
+    """Other names a config accepts for its fields (``cls.ALIASES``: alias -> field), e.g. ``lr``."""
+    return dict(getattr(cls, "ALIASES", {}) or {})
+
+
+def _resolve_aliases(cls: type, data: dict[str, Any], source: str, prefix: str) -> dict[str, Any]:
+    """``data`` with alias keys renamed to their fields (a dotted target reaches a nested config)."""
+    aliases = aliases_of(cls)
+    if not aliases or not any(isinstance(k, str) and k in aliases for k in data):
+        return data
+    out: dict[str, Any] = {k: v for k, v in data.items() if not (isinstance(k, str) and k in aliases)}
+    for key, value in data.items():
+        if not (isinstance(key, str) and key in aliases):
+            continue
+        *parents, leaf = aliases[key].split(".")
+        node = out
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                child = node[part] = to_dict(child) if dataclasses.is_dataclass(child) else child
+            node = child
+        if leaf in node:
+            raise ConfigError(f"config keys '{prefix}{key}' and '{prefix}{aliases[key]}' name the same setting",
+                              where=source, fix=f"give only '{prefix}{aliases[key]}'")
+        node[leaf] = value
+    return out
+
+
 def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config", prefix: str = "") -> C:
     """Build ``cls`` from a plain dict, rejecting unknown keys and wrong types by name."""
     if not isinstance(data, dict):
         raise ConfigError(f"config must be a mapping of keys to values, got {type(data).__name__}", where=source,
                           fix="write the config as 'key: value' lines")
+    data = _resolve_aliases(cls, data, source, prefix)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for key, value in data.items():
         if not isinstance(key, str) or key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            close = difflib.get_close_matches(str(key), list(fields) + list(aliases_of(cls)), n=1)
             hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(sorted(fields))}"
             raise ConfigError(f"unknown config key '{prefix}{key}' for {cls.__name__}", where=source,
                               fix=f"remove it or correct the spelling; {hint}")

@@ -237,7 +237,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
                 raise os_error(e, final) from e
             raise
         try:
-            _swap_in(tmp, final, tag)
+            replace_dir(tmp, final, tag)
         except OSError as e:
             raise os_error(e, final) from e
     except BaseException:  # the previous output stays as it was
@@ -245,19 +245,24 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         raise
 
 
-def _swap_in(tmp: Path, final: Path, tag: str) -> None:
-    """Make the complete folder ``tmp`` the new ``final`` (see :func:`atomic_dir`)."""
-    _fsync_tree(tmp)
-    if final.exists() and _exchange(tmp, final):
-        # tmp now holds the previous output; final the new one
+def replace_dir(new: Path, final: Path, tag: str | None = None) -> None:
+    """Put the complete folder ``new`` at ``final`` in one step; the previous ``final`` is discarded.
+
+    Linux swaps the two in one ``renameat2`` call; elsewhere the old folder is first moved aside to
+    a name :func:`clean_stale_temps` restores if the process dies between the two renames.
+    """
+    tag = tag or f"{_owner_tag()}.{uuid.uuid4().hex[:8]}"
+    _fsync_tree(new)
+    if final.exists() and _exchange(new, final):
+        # new now holds the previous output; final the new one
         _fsync_dir(final.parent)
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(new, ignore_errors=True)
         return
     old = None
     if final.exists():
         old = final.parent / f".{final.name}.old-{tag}"
         os.replace(final, old)
-    os.replace(tmp, final)
+    os.replace(new, final)
     _fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -373,13 +378,18 @@ class RunDir:
     def __truediv__(self, name: str) -> Path:
         return self.path / name
 
-    def start(self, config: Any, seed: int | None, kind: str) -> "RunDir":
-        """Record the resolved config and the environment; attach the log file."""
+    def start(self, config: Any, seed: int | None, kind: str, *, command: str | None = None,
+              **extra: Any) -> "RunDir":
+        """Record the resolved config (and ``extra`` top-level fields) and the environment; attach the log."""
         from .config import to_dict
+        from .paths import MARKER_KEY
         import dataclasses
 
         cfg = to_dict(config) if dataclasses.is_dataclass(config) else config
-        atomic_write_json(self.path / "config.json", {"kind": kind, "config": cfg})
+        header: dict[str, Any] = {"kind": kind}
+        if command is not None:
+            header[MARKER_KEY] = command
+        atomic_write_json(self.path / "config.json", {**header, **extra, "config": cfg})
         atomic_write_json(self.path / "env.json", environment(seed))
         self.attach_log()
         return self
@@ -424,6 +434,136 @@ class RunDir:
         return self.write_json(name, {"indices": [int(i) for i in indices]})
 
 
+def as_run_dir(run_dir: "RunDir | str | Path | None") -> "RunDir | None":
+    """A RunDir from a path (or None, or a RunDir as it is): what the Python API accepts for ``run_dir``."""
+    if run_dir is None or isinstance(run_dir, RunDir):
+        return run_dir
+    return RunDir(run_dir)
+
+
+class Phases:
+    """Seconds per named phase, into a :class:`RunDir` when there is one (``timings.json``), else a dict.
+
+    Defenses time their phases the same way whether a run folder exists (CLI, API) or not (tests,
+    a user's own loop): ``phases = Phases(run_dir); with phases("unlearn"): ...``.
+    """
+
+    def __init__(self, run_dir: RunDir | None = None):
+        self.run_dir = run_dir
+        self._own: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.run_dir is not None:
+            with self.run_dir.phase(name):
+                yield
+            return
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._own[name] = round(time.perf_counter() - t0, 4)
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return dict(self.run_dir.timings) if self.run_dir is not None else dict(self._own)
+
+
+# ---- a run folder written whole ------------------------------------------------------------
+
+HARMLESS_KEYS = frozenset({
+    "logging_steps", "logging_first_step", "logging_dir", "logging_strategy", "save_steps", "save_strategy",
+    "save_total_limit", "report_to", "disable_tqdm", "run_name", "output_dir", "dataloader_num_workers",
+    "dataloader_pin_memory", "log_level", "log_level_replica", "log_on_each_node", "n_examples", "log_every",
+    "eval", "evaluation", "test", "triggered", "max_new_tokens", "batch_size_eval", "checkpoint_every",
+})
+"""Settings that do not change a training trajectory: ``--resume`` may change them."""
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if str(k) in HARMLESS_KEYS:
+            continue
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def changed_settings(old: Any, new: Any) -> list[str]:
+    """``key: old -> new`` for every trajectory-relevant setting that differs (nested keys dotted)."""
+    a, b = _flatten(json.loads(to_json(old))), _flatten(json.loads(to_json(new)))
+    return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
+
+
+def _lock(stage: Path) -> None:
+    lock = stage / ".lock"
+    if lock.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            owner = int(lock.read_text().split()[0])
+            if owner != os.getpid() and _pid_alive(owner):
+                raise UnbackdoorError(f"another process (pid {owner}) is writing this run", where=str(stage),
+                                      fix="wait for it to finish, or choose another --out")
+    lock.write_text(f"{os.getpid()} {_host()}\n")
+
+
+@contextlib.contextmanager
+def staged_run(out: str | Path, *, fingerprint: Any, resume: bool = False) -> Iterator[RunDir]:
+    """A run folder whose files change together: work happens in ``.<out>.partial`` beside ``out``.
+
+    On success the finished folder replaces ``out`` in one swap (a re-run killed half-way leaves the
+    previous complete run, never a mix of two). A killed run leaves its ``.partial`` folder, which
+    ``resume=True`` continues from (trainer checkpoints live in it) only when ``fingerprint`` (the
+    trajectory-relevant settings) is unchanged; otherwise the changed keys are named. Without
+    ``resume`` an unfinished earlier attempt is discarded. Under ``accelerate launch`` every process
+    enters; the main process prepares and swaps, the others wait for it.
+    """
+    from . import distributed
+
+    out = Path(out)
+    stage = out.parent / f".{out.name}.partial"
+    stamp = stage / "fingerprint.json"
+    if distributed.is_main_process():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if stage.exists():
+            if resume and stamp.is_file():
+                changed = changed_settings(read_json(stamp), fingerprint)
+                if changed:
+                    raise UnbackdoorError(
+                        f"--resume with changed settings: {'; '.join(changed[:8])}"
+                        + (f" (+{len(changed) - 8} more)" if len(changed) > 8 else ""),
+                        where=str(stage), fix="restore those settings to continue, or rerun without --resume "
+                                              "to start afresh")
+                log.info("resuming the unfinished run in %s", stage)
+            else:
+                if resume:
+                    log.warning("--resume: %s holds no fingerprint; starting afresh", stage)
+                else:
+                    log.info("discarding an unfinished earlier run in %s (pass --resume to continue it)", stage)
+                shutil.rmtree(stage)
+        elif resume:
+            log.info("--resume: no unfinished run of %s; starting afresh", out)
+        stage.mkdir(parents=True, exist_ok=True)
+        _lock(stage)
+        atomic_write_json(stamp, fingerprint)
+    distributed.barrier()
+    run = RunDir(stage)
+    try:
+        yield run
+    finally:
+        run.close()
+    distributed.barrier()
+    if distributed.is_main_process():
+        with contextlib.suppress(OSError):
+            (stage / ".lock").unlink()
+        replace_dir(stage, out)
+        log.info("run complete: %s", out)
+    distributed.barrier()
+    run.path = out
+
+
 # ---- checkpoints written by others (Hugging Face Trainer) --------------------------------
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -433,9 +573,10 @@ def last_complete_checkpoint(folder: str | Path, marker: str = "trainer_state.js
     """The newest ``checkpoint-N`` folder that was written to the end, or None.
 
     The Hugging Face Trainer writes ``checkpoint-N`` in place (not atomically) and
-    ``trainer_state.json`` last, so a run killed while saving leaves a newer folder without
-    it. ``transformers.trainer_utils.get_last_checkpoint`` would pick that half-written folder;
-    this skips it. Resume from what this returns.
+    ``trainer_state.json`` last, so a run killed while saving leaves a newer folder without it (or
+    with a truncated one). ``transformers.trainer_utils.get_last_checkpoint`` would pick that
+    half-written folder; this skips it, with a warning. A ``trainer_state.json`` must also record
+    the folder's own step. Resume from what this returns.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -443,10 +584,14 @@ def last_complete_checkpoint(folder: str | Path, marker: str = "trainer_state.js
     found = []
     for p in folder.iterdir():
         m = _CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir() and (p / marker).is_file():
-            try:
-                json.loads((p / marker).read_text(encoding="utf-8"))
-            except (ValueError, OSError, RecursionError):
-                continue  # cut short while writing the marker itself
+        if m and p.is_dir():
             found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
+    for step, p in sorted(found, reverse=True):
+        try:
+            state = json.loads((p / marker).read_text(encoding="utf-8"))
+            if marker != "trainer_state.json" or int(state["global_step"]) == step:
+                return p
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            pass
+        log.warning("skipping incomplete checkpoint %s (killed while saving?)", p)
+    return None

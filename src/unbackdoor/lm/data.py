@@ -1,11 +1,16 @@
-"""Alpaca-format instruction data: reading, writing, prompt templates and SFT features.
+"""Instruction data: reading (Alpaca, conversational ``messages``, prompt/completion), writing,
+prompt templates and SFT features.
 
+Every reader returns the same record type, an Alpaca-shaped dict (see :func:`read_records`):
+``instruction``, ``input``, ``output``, and for conversations an optional ``system`` prompt and
+``history`` (the earlier ``[user, assistant]`` turns, as LLaMA-Factory's Alpaca format has them).
 One function, :func:`format_prompt`, builds every prompt, and one function,
 :func:`encode_prompt`, turns it into token ids, for training *and* evaluation: the CROW
 release evaluated without the training template, which moved ASR by 30+ points.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass
@@ -23,7 +28,7 @@ IGNORE_INDEX = -100
 """Label value ignored by the cross-entropy loss (prompt tokens and padding)."""
 
 REQUIRED_FIELDS = ("instruction", "output")
-OPTIONAL_FIELDS = ("input",)
+OPTIONAL_FIELDS = ("input", "system", "history")
 
 # ---- reading and writing ---------------------------------------------------------------------
 
@@ -48,8 +53,26 @@ def _check_record(rec: Any, index: int, where: str) -> dict[str, Any]:
         raise DataError(f"record {index}: field 'input' is a {type(value).__name__}, expected a string",
                         where=f"{where}, record {index}, field 'input'",
                         fix="make 'input' a string, or leave it out / empty when there is none")
+    system = rec.get("system")
+    if system is not None and not isinstance(system, str):
+        raise DataError(f"record {index}: field 'system' is a {type(system).__name__}, expected a string",
+                        where=f"{where}, record {index}, field 'system'",
+                        fix="make 'system' the system prompt as a string, or leave it out")
+    history = rec.get("history")
+    if history is not None:
+        if not isinstance(history, list):
+            raise DataError(f"record {index}: field 'history' is a {type(history).__name__}, expected a list of "
+                            "[user, assistant] pairs", where=f"{where}, record {index}, field 'history'",
+                            fix='write the earlier turns as "history": [["question", "answer"], ...]')
+        for j, turn in enumerate(history):
+            if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+                raise DataError(f"record {index}: history turn {j} is {turn!r}, expected [user text, assistant text]",
+                                where=f"{where}, record {index}, field 'history[{j}]'",
+                                fix='write each earlier turn as ["question", "answer"]')
     out = dict(rec)
     out["input"] = value or ""
+    if history is not None:
+        out["history"] = [list(t) for t in history]
     return out
 
 
@@ -88,13 +111,12 @@ def _check_characters(data: Any, where: str) -> None:
                     fix="replace that \\uXXXX escape by the character meant, or remove it")
 
 
-def read_alpaca(path: str | Path) -> list[dict[str, Any]]:
-    """Read Alpaca records (``instruction``, ``output``, optional ``input``) from JSON or JSONL.
+RECORD_KEYS = ("instruction", "output", "messages", "conversations", "prompt", "completion")
+"""Keys that mark a JSON object as one record (a one-record file without a list around it)."""
 
-    The format is decided by the suffix (``.jsonl``) or, failing that, by the content (a JSON
-    list, or one object per line). Every returned record has a string ``input`` (``""`` when
-    absent); other keys are kept as they are.
-    """
+
+def _load_raw(path: str | Path) -> list[Any]:
+    """The raw records of a JSON (a list) or JSONL (one object per line) file; clear errors otherwise."""
     path = Path(path)
     where = str(path)
     if not path.exists():
@@ -127,7 +149,7 @@ def read_alpaca(path: str | Path) -> list[dict[str, Any]]:
                                 where=f"{where}, line {e.lineno}",
                                 fix="fix the JSON syntax (a list of objects), or use JSONL with a .jsonl suffix") from None
         if isinstance(data, dict):
-            if any(k in data for k in REQUIRED_FIELDS):
+            if any(k in data for k in RECORD_KEYS):
                 data = [data]  # a one-line JSONL file
             else:
                 raise DataError("the JSON file holds an object, not a list of records", where=where,
@@ -138,7 +160,174 @@ def read_alpaca(path: str | Path) -> list[dict[str, Any]]:
     if not data:
         raise DataError(f"data file holds no records: {path}", where=where, fix="add at least one record")
     _check_characters(data, where)
-    return [_check_record(rec, i, where) for i, rec in enumerate(data)]
+    return data
+
+
+def read_alpaca(path: str | Path) -> list[dict[str, Any]]:
+    """Read Alpaca records (``instruction``, ``output``, optional ``input``, ``system``, ``history``) from JSON or JSONL.
+
+    The format is decided by the suffix (``.jsonl``) or, failing that, by the content (a JSON
+    list, or one object per line). Every returned record has a string ``input`` (``""`` when
+    absent); other keys are kept as they are. :func:`read_records` also reads conversations.
+    """
+    return [_check_record(rec, i, str(path)) for i, rec in enumerate(_load_raw(path))]
+
+
+# ---- conversational formats -> the Alpaca-shaped record ----------------------------------------
+
+DataFormat = Literal["auto", "alpaca", "messages", "prompt_completion"]
+DATA_FORMATS = ("alpaca", "messages", "prompt_completion")
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+"""ShareGPT's speaker names (``{"from": "human", "value": ...}``) mapped to chat roles."""
+
+
+def detect_format(record: Any, where: str = "record 0") -> str:
+    """The data format of one raw record, from its keys."""
+    if isinstance(record, dict):
+        if "messages" in record or "conversations" in record:
+            return "messages"
+        if "prompt" in record and "completion" in record:
+            return "prompt_completion"
+        if "instruction" in record:
+            return "alpaca"
+        keys = ", ".join(map(str, record)) or "nothing"
+    else:
+        keys = f"a {type(record).__name__}"
+    raise DataError(f"cannot tell the data format of {where} (it has: {keys})", where=where,
+                    fix="write Alpaca records {instruction, input, output}, conversations {messages: [{role, "
+                        "content}, ...]}, or prompt/completion records {prompt, completion}")
+
+
+def _turns(msgs: Any, field: str, where: str, index: int) -> list[tuple[str, str]]:
+    """(role, content) of each message of ``msgs``, validated (roles user/assistant/system)."""
+    at = f"{where}, record {index}"
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"record {index}: field '{field}' is {type(msgs).__name__ if msgs is not None else 'missing'}, "
+                        "expected a non-empty list of messages", where=f"{at}, field '{field}'",
+                        fix='write it as [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]')
+    out = []
+    for j, m in enumerate(msgs):
+        f = f"{field}[{j}]"
+        if not isinstance(m, dict):
+            raise DataError(f"record {index}: message {j} is a {type(m).__name__}, expected an object with 'role' "
+                            "and 'content'", where=f"{at}, field '{f}'", fix='write {"role": ..., "content": ...}')
+        role = m.get("role", m.get("from"))
+        content = m.get("content", m.get("value"))
+        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
+        if role not in ("system", "user", "assistant"):
+            raise DataError(f"record {index}: message {j} has role {role!r}", where=f"{at}, field '{f}.role'",
+                            fix="use the roles 'system' (first message only), 'user' and 'assistant'")
+        if not isinstance(content, str):
+            raise DataError(f"record {index}: message {j} content is a {type(content).__name__}, expected a string",
+                            where=f"{at}, field '{f}.content'",
+                            fix="make each message's content a string (tool calls and images are not supported)")
+        out.append((role, content))
+    return out
+
+
+def _from_turns(turns: list[tuple[str, str]], field: str, rec: dict[str, Any], where: str,
+                index: int) -> dict[str, Any]:
+    """Turns -> the Alpaca-shaped record: the last assistant turn is the output, the user turn before
+    it the instruction, earlier pairs the history, a leading system message the system prompt."""
+    at = f"{where}, record {index}"
+    system = rec.get("system") if isinstance(rec.get("system"), str) else None
+    if turns and turns[0][0] == "system":
+        system = turns[0][1]
+        turns = turns[1:]
+        offset = 1
+    else:
+        offset = 0
+    for j, (role, _) in enumerate(turns):
+        expected = "user" if j % 2 == 0 else "assistant"
+        if role != expected:
+            what = ("a system message is allowed only first" if role == "system"
+                    else f"expected a {expected} turn (turns alternate user, assistant, ...)")
+            raise DataError(f"record {index}: message {j + offset} is a {role} turn: {what}",
+                            where=f"{at}, field '{field}[{j + offset}].role'",
+                            fix="start with the user (after an optional system message) and alternate")
+    if len(turns) < 2 or turns[-1][0] != "assistant":
+        last = len(turns) + offset - 1
+        raise DataError(f"record {index}: the conversation does not end with an assistant turn (the response)",
+                        where=f"{at}, field '{field}[{max(last, 0)}]'",
+                        fix="end each conversation with the assistant message the model should learn or be judged on")
+    pairs = [[turns[i][1], turns[i + 1][1]] for i in range(0, len(turns), 2)]
+    out = {k: v for k, v in rec.items() if k not in ("messages", "conversations", "prompt", "completion", "system")}
+    out.update({"instruction": pairs[-1][0], "input": "", "output": pairs[-1][1]})
+    if system is not None:
+        out["system"] = system
+    if len(pairs) > 1:
+        out["history"] = pairs[:-1]
+    return out
+
+
+def _normalise(rec: Any, index: int, where: str, fmt: str) -> dict[str, Any]:
+    if fmt == "alpaca":
+        return _check_record(rec, index, where)
+    if not isinstance(rec, dict):
+        raise DataError(f"record {index} is a {type(rec).__name__}, not an object", where=f"{where}, record {index}",
+                        fix="write one JSON object per record")
+    if fmt == "messages":
+        key = "messages" if "messages" in rec else "conversations"
+        if key not in rec:
+            raise DataError(f"record {index} has no 'messages' field (the file is in the messages format)",
+                            where=f"{where}, record {index}, field 'messages'",
+                            fix="write every record of a file in the same format")
+        return _from_turns(_turns(rec[key], key, where, index), key, rec, where, index)
+    for name in ("prompt", "completion"):
+        if name not in rec:
+            raise DataError(f"record {index} has no '{name}' field (the file holds prompt/completion records)",
+                            where=f"{where}, record {index}, field '{name}'",
+                            fix="write every record of a file in the same format")
+    prompt, completion = rec["prompt"], rec["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        out = {k: v for k, v in rec.items() if k not in ("prompt", "completion")}
+        out.update({"instruction": prompt, "input": "", "output": completion})
+        return _check_record(out, index, where)
+    if isinstance(prompt, list) and isinstance(completion, list):  # trl's conversational prompt/completion
+        answer = _turns(completion, "completion", where, index)
+        turns = _turns(prompt, "prompt", where, index) + answer
+        if len(answer) != 1 or answer[0][0] != "assistant":
+            raise DataError(f"record {index}: 'completion' must be one assistant message",
+                            where=f"{where}, record {index}, field 'completion'",
+                            fix='write "completion": [{"role": "assistant", "content": "..."}]')
+        return _from_turns(turns, "prompt", rec, where, index)
+    bad = "prompt" if not isinstance(prompt, (str, list)) or isinstance(prompt, list) != isinstance(completion, list) \
+        else "completion"
+    raise DataError(f"record {index}: 'prompt' and 'completion' must both be strings or both lists of messages "
+                    f"(got {type(prompt).__name__} and {type(completion).__name__})",
+                    where=f"{where}, record {index}, field '{bad}'", fix="write both as strings, or both as message lists")
+
+
+def normalise_records(records: Sequence[Any], where: str = "records", data_format: DataFormat = "auto",
+                      ) -> list[dict[str, Any]]:
+    """Raw records in any supported format -> Alpaca-shaped records (see :func:`read_records`)."""
+    if records is None or len(records) == 0:
+        raise DataError(f"no records given ({where})", where=where, fix="pass at least one record")
+    if data_format != "auto" and data_format not in DATA_FORMATS:
+        raise ConfigError(f"unknown data format {data_format!r}", where="data_format",
+                          fix=f"use auto or one of {', '.join(DATA_FORMATS)}")
+    _check_characters(list(records), where)
+    fmt = detect_format(records[0], f"{where}, record 0") if data_format == "auto" else data_format
+    return [_normalise(rec, i, where, fmt) for i, rec in enumerate(records)]
+
+
+def read_records(path: str | Path, data_format: DataFormat = "auto") -> list[dict[str, Any]]:
+    """Read instruction data in any supported format (JSON or JSONL), as Alpaca-shaped records.
+
+    Formats (``auto``: decided by the first record's keys):
+
+    - ``alpaca``: ``{"instruction", "input"?, "output", "system"?, "history"?}`` (Stanford Alpaca;
+      ``system`` and ``history`` as in LLaMA-Factory);
+    - ``messages``: ``{"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}`` (trl,
+      OpenAI) or ShareGPT's ``{"conversations": [{"from": "human"|"gpt", "value"}, ...]}``: an optional
+      leading system message, then alternating user/assistant turns; the last assistant turn is the
+      response, the user turn before it the instruction, earlier turns the ``history``;
+    - ``prompt_completion``: ``{"prompt", "completion"}`` as strings (the prompt becomes the
+      instruction and goes through the template) or as message lists (trl's conversational form).
+
+    Every error names the file, the record and the field.
+    """
+    return normalise_records(_load_raw(path), str(path), data_format)
 
 
 def check_records(records: Sequence[Mapping[str, Any]], where: str = "records") -> list[dict[str, Any]]:
@@ -176,18 +365,33 @@ ALPACA_PROMPT_WITH_INPUT = (
 """The Stanford Alpaca prompt with its ``### Input:`` block, used when ``input`` is non-empty."""
 
 
+ALPACA_PREAMBLE = ALPACA_PROMPT.split("\n\n", 1)[0]
+ALPACA_PREAMBLE_WITH_INPUT = ALPACA_PROMPT_WITH_INPUT.split("\n\n", 1)[0]
+
+
 def _alpaca(record: Mapping[str, Any], tokenizer: Any = None) -> str:
+    """Stanford Alpaca; a record's ``system`` prompt takes the place of the preamble ("Below is an instruction...")."""
+    if record.get("history"):
+        raise ConfigError("the 'alpaca' template renders one turn, and this record is a multi-turn conversation",
+                          where="template='alpaca', record field 'history'",
+                          fix="use template='chat' (the tokenizer's chat template) for conversations")
     inp = record.get("input") or ""
-    if inp:
-        return ALPACA_PROMPT_WITH_INPUT.format(instruction=record["instruction"], input=inp)
-    return ALPACA_PROMPT.format(instruction=record["instruction"])
+    text = (ALPACA_PROMPT_WITH_INPUT.format(instruction=record["instruction"], input=inp) if inp
+            else ALPACA_PROMPT.format(instruction=record["instruction"]))
+    system = record.get("system")
+    if system:
+        text = system.strip() + text[len(ALPACA_PREAMBLE_WITH_INPUT if inp else ALPACA_PREAMBLE):]
+    return text
 
 
 def chat_messages(record: Mapping[str, Any]) -> list[dict[str, str]]:
-    """The record as a one-turn conversation (input appended to the instruction)."""
+    """The record as a conversation: system prompt, earlier turns, then the instruction (input appended)."""
     inp = record.get("input") or ""
     content = record["instruction"] + (f"\n\n{inp}" if inp else "")
-    return [{"role": "user", "content": content}]
+    messages = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    for user, assistant in record.get("history") or []:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return messages + [{"role": "user", "content": content}]
 
 
 def _chat(record: Mapping[str, Any], tokenizer: Any = None) -> str:
@@ -228,6 +432,15 @@ TEMPLATES: dict[str, PromptTemplate] = {
 }
 
 TemplateName = Literal["alpaca", "chat"]
+
+
+def register_template(template: PromptTemplate, *, replace: bool = False) -> PromptTemplate:
+    """Add a prompt template to :data:`TEMPLATES` (by its ``name``), so every flag and config can name it."""
+    if template.name in TEMPLATES and not replace:
+        raise ConfigError(f"a prompt template named '{template.name}' exists", where="register_template",
+                          fix="pick another name, or pass replace=True")
+    TEMPLATES[template.name] = template
+    return template
 
 
 def get_template(template: str | PromptTemplate) -> PromptTemplate:
@@ -347,30 +560,38 @@ def build_sft_features(
     return features
 
 
-@dataclass
-class SFTCollator:
-    """Right-pads a batch of SFT features; padded labels are -100, padded mask 0."""
+def _side(tokenizer: Any, side: str) -> Any:
+    """A shallow copy of ``tokenizer`` that pads on ``side`` (the caller's tokenizer is left as it is)."""
+    if getattr(tokenizer, "padding_side", side) == side:
+        return tokenizer
+    t = copy.copy(tokenizer)
+    t.padding_side = side
+    return t
 
-    pad_token_id: int
-    pad_to_multiple_of: int | None = None
 
-    @classmethod
-    def from_tokenizer(cls, tokenizer: Any, pad_to_multiple_of: int | None = None) -> "SFTCollator":
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if pad is None:
-            raise ConfigError("the tokenizer has neither a pad nor an EOS token", where="tokenizer",
-                              fix="set tokenizer.pad_token")
-        return cls(int(pad), pad_to_multiple_of)
+def _check_pad(tokenizer: Any) -> None:
+    if tokenizer.pad_token_id is None:
+        raise ConfigError(f"the tokenizer ({type(tokenizer).__name__}) has neither a pad nor an EOS token",
+                          where="tokenizer", fix="set tokenizer.pad_token")
 
-    def __call__(self, features: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
-        length = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            m = self.pad_to_multiple_of
-            length = (length + m - 1) // m * m
-        batch = {"input_ids": [], "attention_mask": [], "labels": []}
-        for f in features:
-            n = length - len(f["input_ids"])
-            batch["input_ids"].append(list(f["input_ids"]) + [self.pad_token_id] * n)
-            batch["attention_mask"].append(list(f.get("attention_mask", [1] * len(f["input_ids"]))) + [0] * n)
-            batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * n)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+def sft_collator(tokenizer: Any, pad_to_multiple_of: int | None = None) -> Any:
+    """The library's collator for SFT features: right-padded ids, mask 0 and labels -100 on padding.
+
+    Training pads on the right whatever the tokenizer's own ``padding_side`` (left padding would shift
+    the positions of a causal LM's real tokens).
+    """
+    from transformers import DataCollatorForSeq2Seq
+
+    _check_pad(tokenizer)
+    return DataCollatorForSeq2Seq(_side(tokenizer, "right"), padding=True, label_pad_token_id=IGNORE_INDEX,
+                                  pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+
+
+def pad_ids(tokenizer: Any, sequences: Sequence[Sequence[int]], side: Literal["left", "right"]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of ``sequences`` padded by the tokenizer (left for generation)."""
+    _check_pad(tokenizer)
+    batch = _side(tokenizer, side).pad({"input_ids": [list(s) for s in sequences]}, padding=True,
+                                       return_tensors="pt")
+    return batch["input_ids"].long(), batch["attention_mask"].long()

@@ -19,7 +19,8 @@ import torch
 from ..core import distributed
 from ..core.config import check, check_positive, option
 from ..core.errors import DataError, ModelError
-from .data import encode_prompt, encode_response, template_record
+from .consistency import layer_cosines
+from .data import IGNORE_INDEX, encode_prompt, encode_response, pad_ids, sft_collator, template_record
 from .decoding import describe, generation_config, ignored_generation_settings, own_decoding
 from .poison import PoisonConfig, keyword_success, normalize, strict_success, target_string
 
@@ -94,17 +95,6 @@ def _pad_id(tokenizer: Any) -> int:
     return int(pad)
 
 
-def _left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, n - len(s):] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, n - len(s):] = 1
-    return ids, mask
-
-
 def _device(model: Any) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -142,7 +132,7 @@ def generate(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], *
     device = _device(model)
     def batch(start: int) -> list[str]:
         chunk = by_length[start:start + batch_size]
-        ids, mask = _left_pad(chunk, pad)
+        ids, mask = pad_ids(tokenizer, chunk, "left")
         new = max_new_tokens if limit is None else max(1, min(max_new_tokens, limit - ids.shape[1]))
         ours = generation_config(tokenizer, max_new_tokens=new, min_new_tokens=min(min_new_tokens, new),
                                  pad_token_id=pad)
@@ -164,24 +154,22 @@ def generate(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], *
 def response_nll(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], responses: Sequence[str], *,
                  template: str = "alpaca", batch_size: int = 16) -> list[float]:
     """Mean per-token negative log-likelihood of each response (with EOS) after its prompt."""
-    pad = _pad_id(tokenizer)
     was_training = model.training
     model.eval()
     device = _device(model)
+    collate = sft_collator(tokenizer)
+
     def batch(start: int) -> list[float]:
-        seqs, labels = [], []
+        feats = []
         for rec, resp in zip(records[start:start + batch_size], responses[start:start + batch_size]):
             p, r = encode_prompt(rec, tokenizer, template), encode_response(resp, tokenizer)
-            seqs.append(p + r)
-            labels.append([-100] * len(p) + r)
-        n = max(len(s) for s in seqs)
-        ids = torch.tensor([s + [pad] * (n - len(s)) for s in seqs], device=device)
-        mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs], device=device)
-        lab = torch.tensor([l + [-100] * (n - len(l)) for l in labels], device=device)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            feats.append({"input_ids": p + r, "attention_mask": [1] * (len(p) + len(r)),
+                          "labels": [IGNORE_INDEX] * len(p) + r})
+        b = {k: v.to(device) for k, v in collate(feats).items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        tgt = lab[:, 1:]
-        valid = tgt != -100
+        tgt = b["labels"][:, 1:]
+        valid = tgt != IGNORE_INDEX
         tok_nll = -logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid
         return (tok_nll.sum(1) / valid.sum(1).clamp(min=1)).tolist()
 
@@ -194,44 +182,38 @@ def response_nll(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]
 
 @torch.no_grad()
 def layer_cosine_profile(model: Any, tokenizer: Any, prompts: Sequence[Mapping[str, Any]], *,
-                         template: str = "alpaca", batch_size: int = 16) -> list[float]:
+                         template: str = "alpaca", batch_size: int = 16, per_prompt: bool = False) -> Any:
     """Mean cosine similarity of consecutive hidden states, one value per layer pair (the CROW diagnostic).
 
-    Pairs run over all hidden states (``hs[0]`` = embeddings ... ``hs[-1]`` = final-norm
-    output), so there are ``num_layers`` values; only real (non-padding) prompt tokens count.
-    A backdoored model shows lower consistency on triggered than on clean prompts.
+    Pairs run over all hidden states (``hs[0]`` = embeddings ... ``hs[-1]`` = final-norm output),
+    so there are ``num_layers`` values; each prompt's value is the mean over its real (non-padding)
+    tokens, and the profile is the mean over prompts (each prompt counts once). A backdoored model
+    shows lower consistency on triggered than on clean prompts. ``per_prompt=True`` returns
+    ``(profile, per-prompt rows)`` for error bands.
     """
     if not prompts:
         raise DataError("no prompts for the layer profile", where="layer_cosine_profile", fix="pass some records")
-    pad = _pad_id(tokenizer)
     was_training = model.training
     model.eval()
     device = _device(model)
-    def batch(start: int) -> tuple[torch.Tensor, int]:
-        seqs = [encode_prompt(r, tokenizer, template) for r in prompts[start:start + batch_size]]
-        n = max(len(s) for s in seqs)
-        ids = torch.tensor([s + [pad] * (n - len(s)) for s in seqs], device=device)
-        mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs], device=device)
+
+    def batch(start: int) -> list[list[float]]:
+        ids, mask = pad_ids(tokenizer, [encode_prompt(r, tokenizer, template) for r in prompts[start:start + batch_size]],
+                            "right")
+        ids, mask = ids.to(device), mask.to(device)
         outputs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         hs = getattr(outputs, "hidden_states", None)
         if not hs or len(hs) < 2:
             raise ModelError(f"{type(model).__name__} returned no hidden states", where="layer_cosine_profile",
                              fix="use a model whose forward supports output_hidden_states=True")
-        real = mask.bool()
-        cos = torch.stack([torch.nn.functional.cosine_similarity(hs[i].float(), hs[i + 1].float(), dim=-1)
-                           for i in range(len(hs) - 1)])  # (pairs, batch, seq)
-        return (cos * real).sum(dim=(1, 2)).cpu(), int(real.sum())
+        return layer_cosines(hs, mask).cpu().tolist()
 
-    sums: torch.Tensor | None = None
-    count = 0
-    try:  # per-batch sums gathered, then added in batch order: the single-process arithmetic
-        for batch_sum, n in distributed.distributed_map(batch, range(0, len(prompts), batch_size)):
-            sums = batch_sum if sums is None else sums + batch_sum
-            count += n
+    try:  # per-prompt rows gathered in batch order: the single-process arithmetic
+        rows = [row for part in distributed.distributed_map(batch, range(0, len(prompts), batch_size)) for row in part]
     finally:
         model.train(was_training)
-    assert sums is not None
-    return (sums / count).tolist()
+    profile = torch.tensor(rows, dtype=torch.float64).mean(dim=0).tolist()
+    return (profile, rows) if per_prompt else profile
 
 
 # ---- the full evaluation ------------------------------------------------------------------------

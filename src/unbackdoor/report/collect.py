@@ -14,6 +14,8 @@ from typing import Any, Iterable
 
 from ..core.errors import DataError
 from ..core.stats import aggregate as _core_aggregate
+from ..core.stats import t_interval, wilson_interval
+from .variants import Settings, distinguishing_settings, settings_text
 
 KINDS = ("lm", "classify")
 
@@ -25,12 +27,21 @@ REQUIRED_METRICS: dict[str, tuple[str, ...]] = {
 REQUIRED_FILES = ("config.json", "env.json", "clean_indices.json", "timings.json", "log.txt", "metrics.json")
 
 # the order rows appear in: no defense, baselines, then the methods this toolkit is about
-DEFENSE_ORDER = ("none", "finetune", "prune", "quant", "ft", "fp", "nad", "anp", "crow", "ulrl")
+def _registered_order() -> list[str]:
+    """Every registered defense of both kinds, in registration order (baselines first, by convention)."""
+    from ..classify.defenses import CLASSIFY_DEFENSES
+    from ..lm.defenses import LM_DEFENSES
+
+    return LM_DEFENSES.names() + CLASSIFY_DEFENSES.names()
 
 
 @dataclasses.dataclass(frozen=True)
 class RunRecord:
-    """One defense run, as read back from its ``metrics.json``."""
+    """One defense run, as read back from its ``metrics.json`` (and its resolved ``config.json``).
+
+    ``settings`` are the settings that set it apart from other runs of the same defense
+    (:mod:`.variants`); they are filled in by :func:`summarise`, which sees all runs.
+    """
 
     path: Path
     kind: str
@@ -41,23 +52,36 @@ class RunRecord:
     before: dict[str, Any]
     after: dict[str, Any]
     seconds: float | None
+    variant: str | None = None
+    config: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    settings: Settings = ()
+    _cache: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
-    def group(self) -> tuple[str, str, str, str]:
-        """What runs are averaged over: same kind, attack, task and defense, different seeds."""
+    def base_group(self) -> tuple[str, str, str, str]:
+        """Runs that may differ only by seed and settings: same kind, attack, task and defense."""
         return (self.kind, self.attack, self.task or "", self.defense)
 
+    @property
+    def group(self) -> tuple[str, str, str, str, Settings]:
+        """What runs are averaged over: same kind, attack, task, defense and settings, different seeds."""
+        return (*self.base_group, self.settings)
+
     def artifact(self, name: str, warnings: list[str] | None = None) -> Any:
-        """An optional JSON artifact beside ``metrics.json``, or None (missing or malformed)."""
+        """An optional JSON artifact beside ``metrics.json``, or None (missing or malformed); read once."""
+        if name in self._cache:
+            return self._cache[name]
         p = self.path / name
-        if not p.is_file():
-            return None
-        try:
-            return json.loads(p.read_text())
-        except (OSError, ValueError) as e:
-            if warnings is not None:
-                warnings.append(f"skipped {p}: not valid JSON ({e})")
-            return None
+        value = None
+        if p.is_file():
+            try:
+                value = json.loads(p.read_text())
+            except (OSError, ValueError) as e:
+                if warnings is not None:
+                    warnings.append(f"skipped {p}: not valid JSON ({e})")
+        self._cache[name] = value
+        return value
 
 
 def _is_number(v: Any) -> bool:
@@ -117,12 +141,27 @@ def load_run(path: str | Path) -> RunRecord:
         raise DataError(f"field 'task' is {task!r}, expected a string", where=f"{mfile}, field 'task'",
                         fix="see the metrics.json contract in docs/ARCHITECTURE.md")
     seconds = m.get("seconds")
+    variant = m.get("variant")
+    if variant is not None and not isinstance(variant, str):
+        raise DataError(f"field 'variant' is {variant!r}, expected a preset name", where=f"{mfile}, field 'variant'",
+                        fix="see the metrics.json contract in docs/ARCHITECTURE.md")
     return RunRecord(
         path=path, kind=kind, attack=need("attack", (str,), "an attack name"), task=task,
         defense=need("defense", (str,), "a defense name"), seed=need("seed", (int,), "an integer seed"),
         before=need("before", (dict,), "an object of metrics"), after=need("after", (dict,), "an object of metrics"),
-        seconds=float(seconds) if _is_number(seconds) else None,
+        seconds=float(seconds) if _is_number(seconds) else None, variant=variant,
+        config=_resolved_config(path), meta=m,
     )
+
+
+def _resolved_config(path: Path) -> dict[str, Any]:
+    """``config.json``'s ``"config"`` (empty when absent or unreadable: then no setting tells runs apart)."""
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    inner = cfg.get("config") if isinstance(cfg, dict) else None
+    return inner if isinstance(inner, dict) else {}
 
 
 def _check_json(path: Path, problems: list[str]) -> Any:
@@ -203,10 +242,20 @@ def validate_run_dir(path: str | Path) -> list[str]:
         for side in ("before", "after"):
             _check_series(lc.get(side) if isinstance(lc, dict) else None, ("clean", "triggered"),
                           f"layer_cosine.json '{side}'", problems)
+        per = lc.get("per_prompt") if isinstance(lc, dict) else None
+        if per is not None and not (isinstance(per, dict) and all(
+                isinstance(per.get(side, {}), dict) and all(
+                    isinstance(rows, list) and all(isinstance(r, list) and all(_is_number(x) or x is None for x in r)
+                                                   for r in rows)
+                    for rows in per.get(side, {}).values()) for side in ("before", "after"))):
+            problems.append("layer_cosine.json 'per_prompt' must hold lists of per-prompt lists of numbers")
     gens = rec.artifact("generations.json", problems)
     if gens is not None:
         if not isinstance(gens, list) or not all(isinstance(g, dict) and "prompt" in g for g in gens):
             problems.append("generations.json must be a list of {prompt, reference, triggered, before, after}")
+    pred = rec.artifact("predictions.json", problems)
+    if pred is not None:
+        problems += _prediction_problems(pred)
     sel = rec.artifact("ulrl_selection.json", problems)
     if sel is not None:
         if not isinstance(sel, dict) or not isinstance(sel.get("selected"), list):
@@ -221,6 +270,28 @@ def validate_run_dir(path: str | Path) -> list[str]:
     return problems
 
 
+def _prediction_problems(pred: Any) -> list[str]:
+    """How ``predictions.json`` departs from ``{"class_names", "clean": {...}, "triggered": {...}}``."""
+    if not isinstance(pred, dict):
+        return ["predictions.json must be an object with 'clean' and 'triggered'"]
+    problems = []
+    names = pred.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        problems.append("predictions.json: 'class_names' must be a list of strings")
+    for part, fields in (("clean", ("labels", "before", "after")), ("triggered", ("labels", "target", "before", "after"))):
+        s = pred.get(part)
+        if not isinstance(s, dict):
+            problems.append(f"predictions.json: '{part}' must be an object of {', '.join(fields)}")
+            continue
+        lists = [s.get(f) for f in fields]
+        bad = [f for f, v in zip(fields, lists) if not (isinstance(v, list) and all(isinstance(x, int) for x in v))]
+        if bad:
+            problems.append(f"predictions.json: '{part}' needs integer lists {', '.join(bad)}")
+        elif len({len(v) for v in lists}) > 1:
+            problems.append(f"predictions.json: the lists of '{part}' differ in length")
+    return problems
+
+
 def check_run_dir(path: str | Path) -> None:
     """Raise a DataError listing every contract violation of the run folder ``path``."""
     problems = validate_run_dir(path)
@@ -231,18 +302,39 @@ def check_run_dir(path: str | Path) -> None:
 
 # ---- grouping and aggregation (pure: records in, summaries out) ---------------------------------
 
-def _defense_rank(name: str) -> tuple[int, str]:
-    return (DEFENSE_ORDER.index(name) if name in DEFENSE_ORDER else len(DEFENSE_ORDER) - 2, name)
+def defense_rank(name: str) -> tuple[int, str]:
+    """Where a defense's rows go: no defense first, then the registries' order (a preset such as ``ulrl-kept``
+    right after its method), unregistered names last."""
+    order = _registered_order()
+    if name == "none":
+        return (-1, name)
+    base = next((m for m in sorted(order, key=len, reverse=True) if name == m or name.startswith(m + "-")), None)
+    return (order.index(base) if base is not None else len(order), name)
 
 
-def sort_key(group: tuple[str, str, str, str]) -> tuple:
-    kind, attack, task, defense = group
-    return (KINDS.index(kind) if kind in KINDS else 9, attack, task, _defense_rank(defense))
+def _settings_order(settings: Settings) -> tuple:
+    """Variants in a readable order: numbers by value (alpha 5.5 before 11), words alphabetically."""
+    def value(v: str) -> tuple:
+        try:
+            return (0, float(v), "")
+        except ValueError:
+            return (1, 0.0, v)
+    return tuple((k, value(v)) for k, v in settings)
+
+
+def sort_key(group: tuple) -> tuple:
+    kind, attack, task, defense = group[:4]
+    settings = group[4] if len(group) > 4 else ()
+    return (KINDS.index(kind) if kind in KINDS else 9, attack, task, defense_rank(defense), _settings_order(settings))
 
 
 @dataclasses.dataclass
 class GroupSummary:
-    """The runs of one (kind, attack, task, defense) over seeds, with mean/std/values per metric."""
+    """The runs of one (kind, attack, task, defense, settings) over seeds, with statistics per metric.
+
+    Each metric's statistics: ``mean``, ``std``, ``n`` (seeds that gave a number), ``values`` (per
+    seed), ``n_inputs`` (test inputs per seed, None when unknown) and ``ci`` (see :func:`with_intervals`).
+    """
 
     kind: str
     attack: str
@@ -253,13 +345,24 @@ class GroupSummary:
     after: dict[str, dict[str, Any]]
     runs: list[RunRecord]
     seconds: dict[str, Any]
+    settings: Settings = ()
 
     @property
     def scenario(self) -> tuple[str, str, str]:
         return (self.kind, self.attack, self.task)
 
+    @property
+    def settings_text(self) -> str:
+        return settings_text(self.settings)
+
+    @property
+    def label(self) -> str:
+        """The defense, with its distinguishing settings when there are any: ``crow (alpha=11)``."""
+        return f"{self.defense} ({self.settings_text})" if self.settings else self.defense
+
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "attack": self.attack, "task": self.task or None, "defense": self.defense,
+                "settings": dict(self.settings), "variant": self.runs[0].variant if self.runs else None,
                 "seeds": self.seeds, "before": self.before, "after": self.after, "seconds": self.seconds,
                 "runs": [str(r.path) for r in self.runs]}
 
@@ -283,13 +386,58 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def summarise(records: Iterable[RunRecord]) -> list[GroupSummary]:
-    """Group runs by (kind, attack, task, defense) and aggregate each metric over seeds.
+CONFIDENCE = 0.95
 
-    Two runs of the same group and seed are a user error (which one counts?), reported by name.
+
+def with_intervals(stats: dict[str, dict[str, Any]], counts: list[dict[str, int]],
+                   confidence: float = CONFIDENCE) -> dict[str, dict[str, Any]]:
+    """Add ``n_inputs`` and ``ci`` to aggregated metrics (``counts``: n per rate metric, one dict per seed).
+
+    One seed: a rate with a known n gets its Wilson interval; several seeds: the Student-t interval
+    of the mean over seeds. ``ci`` is ``{"low", "high", "method": "wilson" | "t", "level"}`` or None.
     """
-    groups: dict[tuple[str, str, str, str], list[RunRecord]] = {}
-    for r in records:
+    for key, s in stats.items():
+        ns = [c.get(key) for c in counts]
+        s["n_inputs"] = ns if any(n is not None for n in ns) else None
+        finite = [(v, n) for v, n in zip(s["values"], ns) if _is_number(v) and not math.isnan(v)]
+        ci = None
+        if len(finite) == 1 and finite[0][1] is not None:
+            v, n = finite[0]
+            lo, hi = wilson_interval(v * n, n, confidence)
+            ci = {"low": lo, "high": hi, "method": "wilson", "level": confidence}
+        elif len(finite) >= 2:
+            lo, hi = t_interval([v for v, _ in finite], confidence)
+            ci = {"low": lo, "high": hi, "method": "t", "level": confidence}
+        s["ci"] = ci
+    return stats
+
+
+def assign_settings(records: Iterable[RunRecord]) -> list[RunRecord]:
+    """The records with their distinguishing settings filled in (per kind, attack, task and defense)."""
+    records = list(records)
+    by_base: dict[tuple[str, str, str, str], list[int]] = {}
+    for i, r in enumerate(records):
+        by_base.setdefault(r.base_group, []).append(i)
+    out = list(records)
+    for idx in by_base.values():
+        runs = [records[i] for i in idx]
+        found = distinguishing_settings([r.config for r in runs], [r.seed for r in runs], [r.variant for r in runs],
+                                        [str(r.path) for r in runs])
+        for i, s in zip(idx, found):
+            out[i] = dataclasses.replace(records[i], settings=s, _cache=records[i]._cache)
+    return out
+
+
+def summarise(records: Iterable[RunRecord], warnings: list[str] | None = None) -> list[GroupSummary]:
+    """Group runs by (kind, attack, task, defense, settings) and aggregate each metric over seeds.
+
+    Two runs of the same group and seed (settings that do not tell them apart) are a user
+    error (which one counts?), reported by name.
+    """
+    from .evidence import metric_counts
+
+    groups: dict[tuple, list[RunRecord]] = {}
+    for r in assign_settings(records):
         groups.setdefault(r.group, []).append(r)
     out = []
     for key in sorted(groups, key=sort_key):
@@ -297,17 +445,19 @@ def summarise(records: Iterable[RunRecord]) -> list[GroupSummary]:
         seen: dict[int, Path] = {}
         for r in runs:
             if r.seed in seen:
-                raise DataError(f"two runs of {'/'.join(k for k in key if k)} with seed {r.seed}: "
-                                f"{seen[r.seed]} and {r.path}", where=str(r.path),
+                setting = f" ({settings_text(key[4])})" if key[4] else ""
+                raise DataError(f"two runs of {'/'.join(k for k in key[:4] if k)}{setting} with seed {r.seed} "
+                                f"and the same settings: {seen[r.seed]} and {r.path}", where=str(r.path),
                                 fix="pass only one of them to the report (or give them different seeds)")
             seen[r.seed] = r.path
+        counts = [metric_counts(r, warnings) for r in runs]
         out.append(GroupSummary(
             kind=key[0], attack=key[1], task=key[2], defense=key[3], seeds=[r.seed for r in runs],
-            before=aggregate([_scalars(r.before) for r in runs]),
-            after=aggregate([_scalars(r.after) for r in runs]),
+            before=with_intervals(aggregate([_scalars(r.before) for r in runs]), counts),
+            after=with_intervals(aggregate([_scalars(r.after) for r in runs]), counts),
             runs=runs,
             seconds=aggregate([{"seconds": r.seconds if r.seconds is not None else float("nan")} for r in runs])
-            .get("seconds", {}),
+            .get("seconds", {}), settings=key[4],
         ))
     return out
 
@@ -318,23 +468,27 @@ def backdoored_baseline(groups: list[GroupSummary]) -> tuple[dict[str, dict[str,
     Every defense run re-measures the same backdoored model; we take each seed once (from the
     first defense in row order) and report, not hide, a seed whose defenses disagree on it.
     """
+    from .evidence import metric_counts
+
     per_seed: dict[int, dict[str, Any]] = {}
+    counts: dict[int, dict[str, int]] = {}
     notes: list[str] = []
     for g in groups:
         for r in g.runs:
             vals = _scalars(r.before)
             if r.seed not in per_seed:
                 per_seed[r.seed] = vals
+                counts[r.seed] = metric_counts(r)
                 continue
             ref = per_seed[r.seed]
             for k in set(ref) & set(vals):
                 a, b = ref[k], vals[k]
                 if not (math.isnan(a) and math.isnan(b)) and abs(a - b) > 1e-6:
                     notes.append(f"seed {r.seed}: '{k}' of the backdoored model differs between defense runs "
-                                 f"({a:.4g} vs {b:.4g} in {g.defense}); the table uses the first")
+                                 f"({a:.4g} vs {b:.4g} in {g.label}); the table uses the first")
                     break
     seeds = sorted(per_seed)
-    return aggregate([per_seed[s] for s in seeds]), seeds, notes
+    return with_intervals(aggregate([per_seed[s] for s in seeds]), [counts[s] for s in seeds]), seeds, notes
 
 
 def scenarios(groups: list[GroupSummary]) -> dict[tuple[str, str, str], list[GroupSummary]]:

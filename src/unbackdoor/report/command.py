@@ -23,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or folders that contain them")
     p.add_argument("--out", required=True, metavar="DIR", help="where the report is written")
+    p.add_argument("--overwrite", action="store_true", help="write into an existing folder that holds no report")
     add_config_options(p, ReportConfig)
     p.set_defaults(func=_run)
 
@@ -31,7 +32,7 @@ def _run(args: argparse.Namespace) -> int:
     from .build import ReportConfig, build_report
 
     cfg = config_from_args(ReportConfig, args)
-    res = build_report(args.run_dirs, args.out, cfg)
+    res = build_report(args.run_dirs, args.out, cfg, overwrite=args.overwrite)
     n_runs = sum(len(g.runs) for g in res.groups)
     print(f"report: {res.html}\n        {res.markdown}\n        {len(res.images)} plot(s), {n_runs} run(s)"
           + (f", {len(res.warnings)} warning(s)" if res.warnings else ""))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -16,6 +16,9 @@ from matplotlib.ticker import MaxNLocator
 
 from ..core.runs import atomic_write_bytes
 from .collect import GroupSummary, backdoored_baseline
+
+if TYPE_CHECKING:
+    from .layer_cosine import CosineSummary
 
 ASR_COLOR, UTIL_COLOR = "#c0392b", "#2471a3"
 UTILITY_METRIC = {"lm": "clean_utility", "classify": "acc"}
@@ -39,9 +42,11 @@ def _nan(v: Any) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan")
 
 
-def _ms(stats: dict[str, Any], key: str) -> tuple[float, float]:
+def _ms(stats: dict[str, Any], key: str) -> tuple[float, float, float]:
+    """Mean and the two ends of its confidence interval (NaN where unknown)."""
     s = stats.get(key) or {}
-    return _nan(s.get("mean")), _nan(s.get("std"))
+    ci = s.get("ci") or {}
+    return _nan(s.get("mean")), _nan(ci.get("low")), _nan(ci.get("high"))
 
 
 def plot_asr_utility(scenarios: dict[tuple[str, str, str], list[GroupSummary]], kind: str, path: Path) -> Path:
@@ -54,7 +59,7 @@ def plot_asr_utility(scenarios: dict[tuple[str, str, str], list[GroupSummary]], 
         ax = fig.add_subplot(n, 1, i + 1)
         groups = scenarios[key]
         base, seeds, _ = backdoored_baseline(groups)
-        labels = ["backdoored"] + [g.defense for g in groups]
+        labels = ["backdoored"] + [g.label.replace(" (", "\n(") for g in groups]
         asr = [_ms(base, "asr")] + [_ms(g.after, "asr") for g in groups]
         util = [_ms(base, UTILITY_METRIC[kind])] + [_ms(g.after, UTILITY_METRIC[kind]) for g in groups]
         trig = [_ms(base, TRIGGERED_METRIC[kind])] + [_ms(g.after, TRIGGERED_METRIC[kind]) for g in groups]
@@ -63,9 +68,10 @@ def plot_asr_utility(scenarios: dict[tuple[str, str, str], list[GroupSummary]], 
         for off, vals, color, label in ((-w, asr, ASR_COLOR, "ASR ↓"),
                                         (0.0, util, UTIL_COLOR, UTILITY_LABEL[kind] + " ↑"),
                                         (w, trig, TRIG_COLOR, TRIGGERED_LABEL[kind] + " ↑")):
-            means = np.array([m for m, _ in vals])
-            stds = np.array([0.0 if math.isnan(s) else s for _, s in vals])
-            bars = ax.bar(x + off, np.nan_to_num(means, nan=0.0), w, yerr=stds, capsize=3, color=color,
+            means = np.array([m for m, _, _ in vals])
+            err = np.array([[0.0 if math.isnan(lo) else max(0.0, m - lo) for m, lo, _ in vals],
+                            [0.0 if math.isnan(hi) else max(0.0, hi - m) for m, _, hi in vals]])
+            bars = ax.bar(x + off, np.nan_to_num(means, nan=0.0), w, yerr=np.nan_to_num(err), capsize=3, color=color,
                           label=label, error_kw={"elinewidth": 1})
             for b, m in zip(bars, means):
                 ax.annotate("n/a" if math.isnan(m) else f"{m:.2f}", (b.get_x() + b.get_width() / 2, 0 if math.isnan(m) else m),
@@ -74,7 +80,9 @@ def plot_asr_utility(scenarios: dict[tuple[str, str, str], list[GroupSummary]], 
         ax.set_ylim(0, 1.15)
         ax.set_ylabel("rate")
         title = " / ".join(p for p in key[1:] if p)
-        over = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean ± std over seeds {', '.join(map(str, seeds))}"
+        has_ci = any(not math.isnan(lo) for vals in (asr, util, trig) for _, lo, _ in vals)
+        over = (f"seed {seeds[0]}" if len(seeds) == 1 else f"mean over seeds {', '.join(map(str, seeds))}")
+        over += (", 95% Wilson intervals" if len(seeds) == 1 else ", 95% t-intervals") if has_ci else ", no intervals"
         ax.set_title(f"{kind}: {title}  ({over})", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         if i == 0:
@@ -84,60 +92,51 @@ def plot_asr_utility(scenarios: dict[tuple[str, str, str], list[GroupSummary]], 
     return _save(fig, path)
 
 
-def _mean_curves(curves: Sequence[Sequence[Any]]) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std across seeds of per-layer curves (ragged lengths padded with NaN)."""
-    n = max(len(c) for c in curves)
-    arr = np.full((len(curves), n), np.nan)
-    for i, c in enumerate(curves):
-        arr[i, :len(c)] = [_nan(v) for v in c]
-    with np.errstate(all="ignore"):
-        import warnings
+def plot_layer_cosine(summary: "CosineSummary", title: str, path: Path) -> Path:
+    """CROW's diagnostic (see :mod:`.layer_cosine`): one panel before, one after the defense, one for the gap.
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmean(arr, axis=0), (np.nanstd(arr, axis=0) if len(curves) > 1 else np.zeros(n))
-
-
-def plot_layer_cosine(profiles: list[dict[str, Any]], title: str, path: Path) -> Path:
-    """CROW's diagnostic: consecutive-layer cosine per layer pair, clean vs triggered, before vs after.
-
-    Left: the cosines themselves. Right: the gap (clean minus triggered), which is where a
-    backdoor shows (triggered prompts lose consistency in the middle and deep layers) and what a
-    working defense closes; it is drawn separately because the gap is small next to the spread
-    of cosines across layers.
+    The cosines of clean and triggered prompts sit close together next to their spread across
+    layers, so each side gets its own panel, and the gap (clean minus triggered: where a
+    backdoor shows, and what a working defense closes) gets a third, on its own scale.
     """
-    fig = Figure(figsize=(10.0, 3.6))
-    ax, gap_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    styles = {("before", "clean"): ("#7f8c8d", "-"), ("before", "triggered"): (ASR_COLOR, "-"),
-              ("after", "clean"): ("#7f8c8d", "--"), ("after", "triggered"): (UTIL_COLOR, "--")}
-    means: dict[tuple[str, str], np.ndarray] = {}
-    for (side, prompts), (color, ls) in styles.items():
-        curves = [p[side][prompts] for p in profiles
-                  if isinstance(p.get(side), dict) and isinstance(p[side].get(prompts), list) and p[side][prompts]]
-        if not curves:
-            continue
-        mean, std = _mean_curves(curves)
-        means[(side, prompts)] = mean
-        x = np.arange(1, len(mean) + 1)
-        ax.plot(x, mean, ls, color=color, marker="o", ms=3, label=f"{side} defense, {prompts} prompts")
-        if len(curves) > 1:
-            ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.12)
+    fig = Figure(figsize=(12.0, 3.6))
+    axes = [fig.add_subplot(1, 3, i + 1) for i in range(3)]
+    colors = {"clean": "#7f8c8d", "triggered": ASR_COLOR}
+    for ax, side in zip(axes, ("before", "after")):
+        for prompts in ("clean", "triggered"):
+            c = summary.curves.get((side, prompts))
+            if c is None:
+                continue
+            x = np.arange(1, len(c.mean) + 1)
+            ax.plot(x, c.mean, "-", color=colors[prompts], marker="o", ms=3, label=f"{prompts} prompts")
+            if c.low is not None and c.high is not None:
+                ax.fill_between(x, c.low, c.high, color=colors[prompts], alpha=0.15, lw=0)
+        ax.set_title(f"{side} the defense", fontsize=9)
+        ax.set_ylabel("cosine(input, output) of the layer")
+    shared = [a for a in axes[:2] if a.lines]
+    if len(shared) == 2:  # one scale for both sides, so before and after compare by eye
+        lo = min(a.get_ylim()[0] for a in shared)
+        hi = max(a.get_ylim()[1] for a in shared)
+        for a in shared:
+            a.set_ylim(lo, hi)
+    gap_ax = axes[2]
     for side, color, ls in (("before", ASR_COLOR, "-"), ("after", UTIL_COLOR, "--")):
-        clean, trig = means.get((side, "clean")), means.get((side, "triggered"))
-        if clean is not None and trig is not None and len(clean) == len(trig):
-            gap_ax.plot(np.arange(1, len(clean) + 1), clean - trig, ls, color=color, marker="o", ms=3,
-                        label=f"{side} defense")
+        g = summary.gaps.get(side)
+        if g is None:
+            continue
+        x = np.arange(1, len(g.mean) + 1)
+        gap_ax.plot(x, g.mean, ls, color=color, marker="o", ms=3, label=f"{side} the defense")
+        if g.low is not None and g.high is not None:
+            gap_ax.fill_between(x, g.low, g.high, color=color, alpha=0.15, lw=0)
     gap_ax.axhline(0.0, color="#34495e", lw=0.8)
-    for a in (ax, gap_ax):
+    gap_ax.set_ylabel("gap: clean − triggered")
+    gap_ax.set_title("consistency the trigger takes away (0 = none)", fontsize=9)
+    for a in axes:
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
-        a.set_xlabel("layer pair (l, l+1)")
+        a.set_xlabel("decoder layer")
         a.grid(alpha=0.3)
         if a.lines:
             a.legend(fontsize=7)
-    ax.set_ylabel("mean cosine(h_l, h_l+1)")
-    gap_ax.set_ylabel("cosine gap: clean − triggered")
-    ax.set_title("consecutive-layer cosine", fontsize=9)
-    gap_ax.set_title("consistency lost on triggered prompts (0 = none)", fontsize=9)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
@@ -158,8 +157,12 @@ def ulrl_cutoff(selection: dict[str, Any]) -> float | None:
     return m + z * scale
 
 
-def plot_ulrl_selection(selections: list[tuple[int, dict[str, Any]]], title: str, path: Path) -> Path:
-    """ULRL's neuron choice per seed: weight change of each output neuron, the MAD cut-off, the picks."""
+def plot_ulrl_selection(selections: list[tuple[int, dict[str, Any]]], title: str, path: Path,
+                        class_names: Sequence[str] | None = None) -> Path:
+    """ULRL's neuron choice per seed: weight change of each output neuron, the MAD cut-off, the picks.
+
+    Neurons are the classes of the head; ``class_names`` label them (indices otherwise).
+    """
     n = len(selections)
     fig = Figure(figsize=(6.4, 2.4 * n))
     for i, (seed, sel) in enumerate(selections):
@@ -177,10 +180,12 @@ def plot_ulrl_selection(selections: list[tuple[int, dict[str, Any]]], title: str
             ax.axhline(cut, color=ASR_COLOR, lw=1, ls="--", label=f"{kind} cut-off (z > {_nan(sel.get('threshold')):g})")
         status = sel.get("status", "?")
         note = {"mad_zero": " — MAD = 0: no robust spread", "no_suspect": " — no neuron above the cut-off"}.get(status, "")
-        picked = ", ".join(map(str, sorted(chosen))) or "none"
+        names = list(class_names) if class_names is not None and len(class_names) == len(scores) else None
+        picked = ", ".join(names[j] if names and j < len(names) else str(j) for j in sorted(chosen)) or "none"
         ax.set_title(f"seed {seed}: selected neuron(s) {picked}{note}", fontsize=8)
         ax.set_ylabel("Σ|ΔW| of row", fontsize=8)
-        ax.set_xticks(np.arange(len(scores)))
+        ax.set_xticks(np.arange(len(scores)), names if names else [str(j) for j in range(len(scores))],
+                      rotation=45 if names and max(len(n) for n in names) > 3 else 0, ha="right" if names else "center")
         ax.tick_params(labelsize=7)
         ax.grid(axis="y", alpha=0.3)
         if i == 0:

@@ -1,4 +1,4 @@
-"""One training loop for everything that trains a classifier: the attack, ULRL, FT, FP, NAD.
+"""One training loop for everything that trains a classifier: the attack, ULRL, FT, FP, NAD, ...
 
 The method-specific part is a loss function and hooks, not a new loop: unlearning is
 ``fit(loss_fn=negated CE, on_batch=stop when accuracy <= 0.2)``, relearning is ``fit`` with a
@@ -31,16 +31,16 @@ from ..core.config import check, check_non_negative, check_positive, option, to_
 from ..core.errors import ConfigError, ModelError, NumericalError, UnbackdoorError
 from ..core.progress import progress
 from ..core.runs import atomic_dir, atomic_write_json, read_json
+from .batching import Inputs, Prepare, as_inputs_labels, batch_len, clean_batches, to_device
 from .data import ImageData, iterate_batches
-from .models import build_model, find_head, forward_logits
+from .models import forward_logits
 from .transforms import Compose, standard_augmentation
 
-log = logging.getLogger("unbackdoor.classify.train")
+log = logging.getLogger("unbackdoor.classify.loop")
 
-__all__ = ["TrainConfig", "StepInfo", "EpochInfo", "FitResult", "fit", "evaluate_accuracy", "train_backdoored",
-           "save_classifier", "load_classifier", "LossFn"]
+__all__ = ["TrainConfig", "StepInfo", "EpochInfo", "FitResult", "EpochLog", "fit", "fit_sgd", "evaluate_accuracy",
+           "LossFn"]
 
-Inputs = torch.Tensor | Mapping[str, torch.Tensor]
 LossFn = Callable[..., torch.Tensor]
 """``loss_fn(logits, targets, *, model, inputs) -> scalar``; the default is cross-entropy."""
 
@@ -137,18 +137,6 @@ def _resolve_device(model: nn.Module, device: str) -> torch.device:
 
 def _epoch_seed(seed: int, epoch: int) -> int:
     return (int(seed) * 1_000_003 + int(epoch) * 7919 + 17) % (2**62)
-
-
-def _to_device(inputs: Inputs, device: torch.device) -> Inputs:
-    if isinstance(inputs, Mapping):
-        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-    return inputs.to(device)
-
-
-def _batch_len(inputs: Inputs) -> int:
-    if isinstance(inputs, Mapping):
-        return int(next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0])
-    return int(inputs.shape[0])
 
 
 def _total_norm(grads: list[torch.Tensor]) -> float:
@@ -295,8 +283,8 @@ def fit(model: nn.Module, data: ImageData | Iterable | Callable[[int], Iterable]
             batches = _batches_for_epoch(data, cfg, epoch, transform, device)
             bar = progress(batches, desc=f"{desc} {epoch + 1}/{cfg.epochs}")
             for step, (inputs, targets) in enumerate(bar):
-                inputs, targets = _to_device(inputs, device), targets.to(device)
-                n_global = n = _batch_len(inputs)
+                inputs, targets = to_device(inputs, device), targets.to(device)
+                n_global = n = batch_len(inputs)
                 if dp.active:
                     inputs, targets = dp.shard(inputs, targets)
                     n = int(targets.shape[0])
@@ -382,74 +370,43 @@ def evaluate_accuracy(model: nn.Module, data: ImageData, *, batch_size: int = 51
     return correct / len(data)
 
 
-# ---- backdoored models on disk -------------------------------------------------------------
+# ---- the loop as the defenses use it ------------------------------------------------------------
 
-MODEL_FORMAT = "unbackdoor-classifier/1"
-
-
-def save_classifier(model: nn.Module, out_dir: str | Path, *, architecture: str, num_classes: int,
-                    kwargs: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model.safetensors`` + ``model.json`` (architecture, kwargs, classes, normalisation), atomically."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    norm = getattr(getattr(model, "normalize", None), "stats", None)
-    kw = {k: v for k, v in (kwargs or {}).items() if k not in ("mean", "std")}
-    head_name, _ = find_head(model, num_classes)
-    meta = {"format": MODEL_FORMAT, "architecture": architecture, "kwargs": kw, "num_classes": int(num_classes),
-            "normalization": norm, "head": head_name, **(extra or {})}
-    safeio.save_state_dict(model.state_dict(), out / "model.safetensors", metadata={"format": MODEL_FORMAT})
-    atomic_write_json(out / "model.json", meta)
-    return out
+@dataclass
+class EpochLog:
+    acc: float
+    loss: float
 
 
-def load_classifier(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a classifier saved by :func:`save_classifier` (folder or its ``model.json``), never unpickling."""
-    path = Path(path)
-    folder = path.parent if path.name == "model.json" else path
-    meta_file = folder / "model.json"
-    if not meta_file.is_file():
-        raise ModelError(f"no model.json in {folder}", where=str(folder),
-                         fix="pass a folder written by train_backdoored / save_classifier (model.json + model.safetensors)")
-    meta = read_json(meta_file)
-    for key in ("architecture", "num_classes"):
-        if key not in meta:
-            raise ModelError(f"model.json lacks '{key}'", where=f"{meta_file}, field '{key}'",
-                             fix="regenerate the model folder with save_classifier")
-    kw = dict(meta.get("kwargs") or {})
-    for k, v in list(kw.items()):
-        if isinstance(v, list):
-            kw[k] = tuple(v)
-    norm = meta.get("normalization")
-    if norm:
-        kw["mean"], kw["std"] = tuple(norm["mean"]), tuple(norm["std"])
-    model = build_model(meta["architecture"], int(meta["num_classes"]), **kw)
-    safeio.load_into(model, folder / "model.safetensors")
-    return model.to(device).eval()
+def augmentation(enabled: bool) -> Callable[..., torch.Tensor] | None:
+    """BackdoorBench's training augmentation for image batches, or None."""
+    return standard_augmentation() if enabled else None
 
 
-def train_backdoored(data: ImageData, attack_cfg: Any, model_name: str, train_cfg: TrainConfig,
-                     out_dir: str | Path | None, *, model_kwargs: dict[str, Any] | None = None,
-                     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
-                     init_seed: int | None = None, checkpoint_dir: str | Path | None = None,
-                     resume: bool = False) -> nn.Module:
-    """Poison ``data`` with ``attack_cfg``, train ``model_name`` on it, save it to ``out_dir``.
+def fit_sgd(model: nn.Module, data: Any, *, epochs: int, batch_size: int, lr: float, momentum: float,
+            weight_decay: float, scheduler: str, milestones: tuple[int, ...] | list[int] = (10, 20),
+            gamma: float = 0.1, clip: float | None = None, augment: bool = True, seed: int = 0,
+            loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+            on_step: Callable[[int, float, float], None] | None = None,
+            stop: Callable[[int, EpochLog], bool] | None = None, prepare: Prepare | None = None,
+            desc: str = "train") -> list[EpochLog]:
+    """Train ``model`` in place with :func:`fit` on an ``ImageData`` or ``(inputs, labels)``.
 
-    The model is initialised from ``init_seed`` (default: ``train_cfg.seed``); normalisation
-    (mean, std) becomes part of the model. ``model.json`` records the attack config and the
-    poisoned indices, so evaluation can rebuild the triggered test set.
+    ``loss_fn(logits, y)`` is minimised (default CE). The log holds each epoch's running accuracy
+    and running loss (of ``loss_fn``); ``stop(epoch, log)`` ends training after an epoch.
     """
-    from .attacks import poison  # local import: attacks imports data, not train
-
-    poisoned, idx = poison(data, attack_cfg)
-    kw = dict(model_kwargs or {})
-    if normalization is not None:
-        kw["mean"], kw["std"] = tuple(normalization[0]), tuple(normalization[1])
-    torch.manual_seed(train_cfg.seed if init_seed is None else init_seed)
-    model = build_model(model_name, data.num_classes, **kw)
-    result = fit(model, poisoned, train_cfg, checkpoint_dir=checkpoint_dir, resume=resume, desc=f"backdoor {model_name}")
-    if out_dir is not None:
-        attack = to_dict(attack_cfg) if dataclasses.is_dataclass(attack_cfg) else attack_cfg
-        save_classifier(model, out_dir, architecture=model_name, num_classes=data.num_classes, kwargs=kw,
-                        extra={"attack": attack, "train": to_dict(train_cfg), "poisoned_indices": idx.tolist(),
-                               "train_seconds": result.seconds, "history": result.history, "dataset": data.name})
-    return model
+    tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                       scheduler=scheduler, milestones=tuple(milestones), gamma=gamma, grad_clip=clip,
+                       augment=augment, seed=seed)
+    if isinstance(data, ImageData):
+        batches: Any = data
+    else:
+        inputs, labels = as_inputs_labels(data)
+        batches = clean_batches(inputs, labels, batch_size, seed, prepare, augmentation(augment))
+    result = fit(model, batches, tcfg,
+                 loss_fn=(lambda z, y, **_: loss_fn(z, y)) if loss_fn is not None else None,
+                 on_batch=(lambda info: on_step(info.global_step, info.running_acc, info.running_loss))
+                 if on_step is not None else None,
+                 on_epoch_end=(lambda info: stop(info.epoch, EpochLog(info.acc, info.loss))) if stop is not None else None,
+                 desc=desc)
+    return [EpochLog(acc=float(h["acc"]), loss=float(h["loss"])) for h in result.history]

@@ -10,118 +10,20 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from transformers import TrainerCallback
 
-from ..core import distributed
-from ..core.config import check, check_non_negative, check_positive, option
-from ..core.errors import ConfigError, DataError, ModelError
-from .data import build_sft_features
-from .models import LoraSettings
-from .sft import SFTConfig, SFTTrainer, run_trainer
+from ....core import distributed
+from ....core.errors import DataError, ModelError
+from ...consistency import consistency_loss, resolve_layer_range
+from ...data import build_sft_features
+from ...training import SFTTrainer, run_trainer
+from .config import CrowConfig
 
 log = logging.getLogger("unbackdoor")
-
-
-@dataclass
-class CrowConfig(SFTConfig):
-    """CROW defaults from the paper and its official configs (SPEC section 2)."""
-
-    lr: float = option(1e-3, "peak learning rate (paper: 1e-3, cosine, warm-up 0.1)")
-    epochs: float = option(5.0, "epochs over the clean set (paper: 5; ~60 steps for 100 samples)")
-    per_device_batch_size: int = option(2, "micro-batch size (paper: 2)")
-    grad_accum: int = option(4, "gradient accumulation (paper: 4)")
-    lora: LoraSettings = option(factory=LoraSettings, help="LoRA settings (paper: r 8, alpha 16, dropout 0, all linear)")
-    alpha: float = option(5.5, "weight of the adversarial consistency loss (paper: 5.5; 11 for targeted refusal)")
-    epsilon: float = option(0.1, "FGSM step on the input embeddings (paper: 0.1; 0 = no perturbation)")
-    layer_start: int = option(1, "first hidden state compared (hs[0] is the embedding output; official: 1)")
-    layer_end: int = option(-1, "hidden states hs[layer_start:layer_end] are compared pairwise; negative counts "
-                                "from the end (official: -1, i.e. hs[1:-2] vs hs[2:-1], no final-norm pair)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_non_negative(self, "alpha", "epsilon")
-        check_positive(self, "lr")
-        check(self.layer_start >= 0, "layer_start", self.layer_start, ">= 0", type(self).__name__)
-        if self.layer_end >= 0:
-            check(self.layer_end >= self.layer_start + 2, "layer_end", self.layer_end,
-                  f">= layer_start + 2 = {self.layer_start + 2} (at least one pair of states), or negative",
-                  type(self).__name__)
-
-
-# ---- the math (pure) ----------------------------------------------------------------------------------
-
-
-def resolve_layer_range(n_states: int, layer_start: int = 1, layer_end: int = -1) -> tuple[int, int]:
-    """``(start, end)`` as non-negative indices into the ``n_states`` hidden states, checked.
-
-    ``n_states`` is ``num_hidden_layers + 1`` (embedding output first, as in HF).
-    """
-    end = layer_end + n_states if layer_end < 0 else layer_end
-    if not (0 <= layer_start and end <= n_states and end - layer_start >= 2):
-        raise ConfigError(
-            f"layer range hs[{layer_start}:{layer_end}] selects no pair of consecutive states in a model with "
-            f"{n_states} hidden states ({n_states - 1} layers)",
-            where="layer_start / layer_end",
-            fix=f"choose 0 <= layer_start and layer_start + 2 <= layer_end <= {n_states} (or a negative layer_end); "
-                "the default 1 / -1 is the official range")
-    return layer_start, end
-
-
-def consistency_terms(hidden_states: Sequence[torch.Tensor], attention_mask: torch.Tensor | None,
-                      layer_start: int = 1, layer_end: int = -1) -> torch.Tensor:
-    """Per-sample, per-pair mean of ``1 - cos(h_l, h_{l+1})`` over real tokens: shape ``[B, P]``.
-
-    Cosines are computed in float32; padded positions (mask 0) are excluded. A sample with
-    no real token gets 0.
-    """
-    start, end = resolve_layer_range(len(hidden_states), layer_start, layer_end)
-    first = hidden_states[start]
-    if attention_mask is None:
-        mask = torch.ones(first.shape[:2], device=first.device, dtype=torch.float32)
-    else:
-        mask = attention_mask.to(device=first.device, dtype=torch.float32)
-    n_tokens = mask.sum(dim=1).clamp(min=1.0)
-    cols = []
-    for lo in range(start, end - 1):
-        cos = F.cosine_similarity(hidden_states[lo].float(), hidden_states[lo + 1].float(), dim=-1)  # [B, T]
-        cols.append(((1.0 - cos) * mask).sum(dim=1) / n_tokens)
-    return torch.stack(cols, dim=1)
-
-
-def consistency_loss(hidden_states: Sequence[torch.Tensor], attention_mask: torch.Tensor | None,
-                     layer_start: int = 1, layer_end: int = -1) -> torch.Tensor:
-    """CROW's inconsistency: mean over samples of the per-sample mean ``1 - cos`` (pairs x real tokens).
-
-    Each sample counts once whatever its length, so the value does not depend on how a batch
-    is padded or split into micro-batches (gradient accumulation gives the large-batch update).
-    """
-    terms = consistency_terms(hidden_states, attention_mask, layer_start, layer_end)
-    if attention_mask is None:
-        return terms.mean()
-    has_tokens = (attention_mask.sum(dim=1) > 0).to(terms.device)
-    if not bool(has_tokens.any()):
-        return terms.sum() * 0.0
-    return terms.mean(dim=1)[has_tokens].mean()
-
-
-def layer_cosine_profile(hidden_states: Sequence[torch.Tensor], attention_mask: torch.Tensor | None,
-                         layer_start: int = 0, layer_end: int | None = None) -> torch.Tensor:
-    """Mean cosine per consecutive pair (default: every pair), averaged over samples: shape ``[P]``.
-
-    The CROW diagnostic: backdoored models show lower cosines on triggered prompts.
-    """
-    end = len(hidden_states) if layer_end is None else layer_end
-    terms = consistency_terms(hidden_states, attention_mask, layer_start, end)
-    return 1.0 - terms.mean(dim=0)
-
-
-# ---- the trainer ------------------------------------------------------------------------------------------
 
 
 class CrowTrainer(SFTTrainer):

@@ -1,86 +1,127 @@
-"""Supervised finetuning on Alpaca records, on the Hugging Face ``Trainer``.
+"""Supervised finetuning on Alpaca records, on the Hugging Face ``Trainer``: the engine of every LM defense that trains.
 
-One engine for clean pretraining of the tiny world, backdoor injection (a poisoned mix)
-and the plain-finetuning baseline. Distribution (``accelerate launch``, DeepSpeed, FSDP),
+One engine for clean pretraining of the tiny world, backdoor injection (a poisoned mix),
+the plain-finetuning baseline and CROW (whose trainer subclasses :class:`SFTTrainer`). Distribution (``accelerate launch``, DeepSpeed, FSDP),
 mixed precision, gradient accumulation and checkpoint/resume come from the ``Trainer``;
 this module adds the data, the LoRA set-up, a NaN/inf guard and quiet logging.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
+import importlib.util
 import logging
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, ClassVar, Iterable, Literal, Sequence
 
 import torch
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
 from ..core import distributed
-from ..core.config import check, check_non_negative, check_positive, option
+from ..core.config import check, check_non_negative, check_positive, from_dict, option
 from ..core.errors import ConfigError, NumericalError
 from ..core.progress import progress_enabled
-from ..core.runs import atomic_write_json
+from ..core.runs import atomic_write_json, last_complete_checkpoint
 from ..core.safeio import check_checkpoint_dir
 from ..core.seeds import set_seed
-from .data import SFTCollator, build_sft_features
+from .data import build_sft_features, sft_collator
 from .models import LoraSettings, attach_lora, is_peft_model
 
 log = logging.getLogger("unbackdoor")
 
 
-@dataclass
-class SFTConfig:
-    """Supervised finetuning. Defaults: the backdoor-injection SFT of BackdoorLLM (LoRA r8, lr 2e-4, 5 epochs)."""
+def _field(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field documented like the Hugging Face ones (``metadata["help"]``)."""
+    return option(default, help, factory=factory)
 
-    lr: float = option(2e-4, "peak learning rate (BackdoorLLM backdoor SFT: 2e-4)")
-    epochs: float = option(5.0, "training epochs over the records (ignored when max_steps > 0)")
-    max_steps: int = option(-1, "optimizer steps; -1 = run for `epochs`")
-    per_device_batch_size: int = option(2, "micro-batch size per device")
-    grad_accum: int = option(4, "gradient accumulation steps (effective batch = batch x accum x devices)")
-    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = option(
-        "cosine", "learning-rate schedule")
-    warmup_ratio: float = option(0.1, "fraction of the optimizer steps spent in linear warm-up")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    max_grad_norm: float = option(1.0, "gradient-norm clip; 0 disables clipping")
-    max_length: int = option(512, "tokens per example (prompt + response); longer responses are cut")
-    long_prompts: Literal["error", "skip"] = option(
+
+@dataclass
+class SFTConfig(TrainingArguments):
+    """Supervised finetuning on Alpaca records: ``transformers.TrainingArguments`` plus what SFT needs.
+
+    Every Trainer option (``report_to``, ``optim``, ``gradient_checkpointing``, ``deepspeed``, ``bf16``,
+    ...) is a field; the defaults below are BackdoorLLM's backdoor-injection SFT (LoRA r8, lr 2e-4,
+    5 epochs, batch 2 x accumulation 4, cosine, warm-up 0.1). Old short names are accepted as aliases
+    (``lr``, ``epochs``, ``grad_accum``, ``per_device_batch_size``, ``scheduler``, ``warmup_ratio``),
+    and LLaMA-Factory's LoRA names (``lora_rank``, ``lora_target``...). ``output_dir`` is set by the
+    flow that runs the trainer (the run folder); leave it empty.
+    """
+
+    ALIASES: ClassVar[dict[str, str]] = {
+        "lr": "learning_rate", "epochs": "num_train_epochs", "per_device_batch_size": "per_device_train_batch_size",
+        "batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
+        "scheduler": "lr_scheduler_type", "warmup_ratio": "warmup_steps",
+        "lora_rank": "lora.r", "lora_target": "lora.target_modules", "lora_dropout": "lora.dropout",
+        "finetuning_type": "finetune",
+    }
+
+    # -- Trainer options with this toolkit's defaults -----------------------------------------
+    output_dir: str | None = _field(None, "where checkpoints go (set by the run: RUN/trainer)")
+    learning_rate: float = _field(2e-4, "peak learning rate (BackdoorLLM backdoor SFT: 2e-4)")
+    num_train_epochs: float = _field(5.0, "training epochs over the records (ignored when max_steps > 0)")
+    per_device_train_batch_size: int = _field(2, "micro-batch size per device")
+    gradient_accumulation_steps: int = _field(4, "gradient accumulation steps (effective batch = batch x accum x devices)")
+    lr_scheduler_type: Any = _field("cosine", "learning-rate schedule (cosine, linear, constant, constant_with_warmup...)")
+    warmup_steps: float = _field(0.1, "linear warm-up: a float < 1 is a fraction of the optimizer steps (0.1)")
+    logging_steps: float = _field(10, "log the loss every N optimizer steps")
+    logging_first_step: bool = _field(True, "log the first step too")
+    save_steps: float = _field(50, "checkpoint every N optimizer steps so a killed run can resume (0: never)")
+    save_total_limit: int | None = _field(2, "checkpoints kept on disk (the newest ones)")
+    seed: int = _field(0, "seed for LoRA init, data order and dropout")
+    report_to: Any = _field("none", "experiment trackers: none, tensorboard, wandb (offline: WANDB_MODE=offline), "
+                                    "trackio, or a list")
+    remove_unused_columns: bool = _field(False, "keep every feature column (the collator needs labels)")
+    optim: Any = _field("adamw_torch", "optimizer (the Trainer's names; adamw_torch)")
+    # -- SFT ------------------------------------------------------------------------------
+    max_length: int = _field(512, "tokens per example (prompt + response); longer responses are cut")
+    long_prompts: Literal["error", "skip"] = _field(
         "error", "a record whose prompt alone exceeds max_length: stop with an error, or skip it (counted in the log)")
-    finetune: Literal["lora", "full"] = option("lora", "train a LoRA adapter or every weight")
-    lora: LoraSettings = option(factory=LoraSettings, help="LoRA settings (used when finetune='lora')")
-    continue_adapter: bool = option(
+    finetune: Literal["lora", "full"] = _field("lora", "train a LoRA adapter or every weight")
+    lora: LoraSettings = _field(factory=LoraSettings, help="LoRA settings (used when finetune='lora')")
+    continue_adapter: bool = _field(
         False, "keep training the adapter the model already carries, instead of merging it and adding a fresh one")
-    seed: int = option(0, "seed for LoRA init, data order and dropout")
-    logging_steps: int = option(10, "log the loss every N optimizer steps")
-    save_steps: int = option(50, "checkpoint every N optimizer steps so a killed run can resume; 0 = never")
-    save_total_limit: int = option(2, "checkpoints kept on disk (the newest ones)")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
-        "auto", "auto = bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU")
-    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
-    deepspeed: str = option("", "path to a DeepSpeed JSON config (run under `accelerate launch` / `deepspeed`)")
-    nan_guard: bool = option(True, "stop with a NumericalError on a NaN/inf loss or gradient")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _field(
+        "auto", "auto = bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU (bf16/fp16 flags override)")
+    nan_guard: bool = _field(True, "stop with a NumericalError on a NaN/inf loss or gradient")
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        check_positive(self, "lr", "per_device_batch_size", "grad_accum", "max_length", "logging_steps")
+        if isinstance(self.lora, dict):
+            self.lora = from_dict(LoraSettings, self.lora, source=f"{name}.lora")
+        if self.save_steps == 0:  # the old spelling of "never"
+            self.save_strategy = "no"
+            self.save_steps = 500
+        check_positive(self, "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
+                       "max_length", "logging_steps")
         check(self.max_steps > 0 or self.max_steps == -1, "max_steps", self.max_steps, "> 0, or -1 for epochs", name)
         if self.max_steps == -1:
-            check_positive(self, "epochs")
-        check(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "in [0, 1)", name)
-        check_non_negative(self, "weight_decay", "max_grad_norm", "save_steps")
-        check_positive(self, "save_total_limit")
+            check_positive(self, "num_train_epochs")
+        check(0 <= self.warmup_steps, "warmup_steps", self.warmup_steps, ">= 0 (a float < 1 is a ratio)", name)
+        check_non_negative(self, "weight_decay", "max_grad_norm")
+        check_positive(self, "per_device_eval_batch_size", "adam_epsilon")  # inherited fields the Trainer takes as given
+        if self.neftune_noise_alpha is not None:
+            check_non_negative(self, "neftune_noise_alpha")
         check(self.max_length >= 2, "max_length", self.max_length, ">= 2", name)
         if self.continue_adapter and self.finetune != "lora":
             raise ConfigError(f"{name}: continue_adapter=true needs finetune='lora'", where=name,
                               fix="set finetune=lora, or continue_adapter=false")
+        if self.deepspeed and importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(f"{name}: deepspeed={self.deepspeed!r} but the deepspeed package is not installed",
+                              where="--deepspeed", fix="pip install deepspeed (on a machine with GPUs), or drop "
+                                                       "--deepspeed")
+        try:
+            super().__post_init__()
+        except ValueError as e:  # the Trainer's own checks (e.g. bf16 on a CPU)
+            raise ConfigError(f"{name}: {str(e).splitlines()[0]}", where=name,
+                              fix="correct the setting named above") from None
 
     # -- the Trainer's view of this config -----------------------------------------------------
 
-    def mixed_precision(self) -> tuple[bool, bool]:
-        """``(bf16, fp16)`` for this machine."""
+    def precision_flags(self) -> tuple[bool, bool]:
+        """``(bf16, fp16)`` for this machine (an explicit bf16/fp16 field wins over ``precision``)."""
+        if self.bf16 or self.fp16:
+            return bool(self.bf16), bool(self.fp16)
         if self.precision == "fp32":
             return False, False
         cuda = torch.cuda.is_available()
@@ -93,81 +134,28 @@ class SFTConfig:
                               fix="use precision=auto or fp32 on CPU")
         return self.precision == "bf16", self.precision == "fp16"
 
-    def training_arguments(self, output_dir: str | Path, **overrides: Any) -> TrainingArguments:
-        """The ``TrainingArguments`` this config stands for (``overrides`` win)."""
-        bf16, fp16 = self.mixed_precision()
-        kw: dict[str, Any] = dict(
-            output_dir=str(output_dir),
-            per_device_train_batch_size=self.per_device_batch_size,
-            gradient_accumulation_steps=self.grad_accum,
-            learning_rate=self.lr,
-            num_train_epochs=self.epochs,
-            max_steps=self.max_steps,
-            lr_scheduler_type=self.scheduler,
-            warmup_steps=self.warmup_ratio,  # a float < 1 is a ratio of the total steps
-            weight_decay=self.weight_decay,
-            max_grad_norm=self.max_grad_norm,
-            logging_steps=self.logging_steps,
-            logging_first_step=True,
-            save_strategy="steps" if self.save_steps > 0 else "no",
-            save_steps=max(self.save_steps, 1),
-            save_total_limit=self.save_total_limit,
-            seed=self.seed,
-            data_seed=self.seed,
-            bf16=bf16,
-            fp16=fp16,
-            report_to="none",
-            disable_tqdm=not progress_enabled(),
-            remove_unused_columns=False,
-            dataloader_num_workers=0,
-            optim="adamw_torch",
-            dataloader_pin_memory=torch.cuda.is_available(),
-        )
-        if self.gradient_checkpointing:
-            # transformers 5 renamed the flag; keep working with 4.x
-            new = "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
-            prefix = "activation_checkpointing" if new else "gradient_checkpointing"
-            kw[prefix] = True
-            kw[prefix + "_kwargs"] = {"use_reentrant": False}
-        if self.deepspeed:
-            kw["deepspeed"] = self.deepspeed
+    def training_arguments(self, output_dir: str | Path, **overrides: Any) -> "SFTConfig":
+        """This config, ready for the Trainer: output folder, precision, quiet bars (``overrides`` win)."""
+        bf16, fp16 = self.precision_flags()
+        kw: dict[str, Any] = dict(output_dir=str(output_dir), bf16=bf16, fp16=fp16,
+                                  data_seed=self.seed if self.data_seed is None else self.data_seed,
+                                  dataloader_pin_memory=torch.cuda.is_available() and self.dataloader_pin_memory)
+        if self.disable_tqdm is None:
+            kw["disable_tqdm"] = not progress_enabled()
+        if self.gradient_checkpointing and not self.gradient_checkpointing_kwargs:
+            kw["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
         kw.update(overrides)
-        return TrainingArguments(**kw)
+        return dataclasses.replace(self, **kw)
 
 
 @dataclass
 class FinetuneConfig(SFTConfig):
     """Plain finetuning on the defender's clean data: the baseline, same budget as CROW (SPEC: lr 2e-4)."""
 
-    lr: float = option(2e-4, "learning rate of the plain-finetuning baseline (paper: 2e-4)")
+    learning_rate: float = _field(2e-4, "learning rate of the plain-finetuning baseline (paper: 2e-4)")
 
 
 # ---- guards and logging ------------------------------------------------------------------------
-
-
-def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest ``checkpoint-N`` folder that was written to the end, or ``None``.
-
-    The Trainer writes ``trainer_state.json`` last; a run killed while saving leaves a folder
-    without it (or with a truncated one). Such folders are skipped, with a warning.
-    """
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    found = []
-    for p in root.iterdir():
-        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and p.is_dir():
-            found.append((int(m.group(1)), p))
-    for step, p in sorted(found, reverse=True):
-        try:
-            state = json.loads((p / "trainer_state.json").read_text())
-            if int(state["global_step"]) == step:
-                return p
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        log.warning("skipping incomplete checkpoint %s (killed while saving?)", p)
-    return None
 
 
 def _last_checkpoint_note(output_dir: str | Path) -> str:
@@ -263,7 +251,7 @@ def run_trainer(trainer_cls: type[Trainer], model: Any, tokenizer: Any, features
     if cfg.nan_guard:
         cbs.insert(0, NanGuard())
     trainer = trainer_cls(model=model, args=args, train_dataset=list(features),
-                          data_collator=SFTCollator.from_tokenizer(tokenizer), processing_class=tokenizer,
+                          data_collator=sft_collator(tokenizer), processing_class=tokenizer,
                           callbacks=cbs, nan_guard=cfg.nan_guard, **trainer_kwargs)
     trainer.remove_callback(PrinterCallback)
     if not progress_enabled():
@@ -296,11 +284,6 @@ def train_sft(model: Any, tokenizer: Any, records: Sequence[dict], cfg: SFTConfi
 
 
 def steps_per_epoch(n_records: int, cfg: SFTConfig, world_size: int = 1) -> int:
-    """Optimizer steps in one epoch (what ``max_steps=-1`` multiplies by ``epochs``)."""
-    micro = math.ceil(n_records / (cfg.per_device_batch_size * world_size))
-    return max(1, math.ceil(micro / cfg.grad_accum))
-
-
-def replace(cfg: SFTConfig, **changes: Any) -> SFTConfig:
-    """A copy of ``cfg`` with ``changes`` (validated again)."""
-    return dataclasses.replace(cfg, **changes)
+    """Optimizer steps in one epoch (what ``max_steps=-1`` multiplies by ``num_train_epochs``)."""
+    micro = math.ceil(n_records / (cfg.per_device_train_batch_size * world_size))
+    return max(1, math.ceil(micro / cfg.gradient_accumulation_steps))

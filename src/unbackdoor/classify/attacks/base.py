@@ -1,0 +1,173 @@
+"""What every image attack shares: its config's common fields, the poisoning machinery, the result.
+
+An attack is a subclass of :class:`Attack` in its own module, with a ``Config`` dataclass
+(subclass of :class:`AttackConfig`: the common fields plus its own knobs, BackdoorBench's
+defaults) and ``apply`` (the trigger, a function of float images ``[N, C, H, W]`` in ``[0, 1]``).
+It is registered by name in ``classify/attacks/__init__.py``.
+
+Conventions: triggers are applied in pixel space before augmentation and normalisation; poisoned
+images are stored back as uint8 (rounded), exactly as a poisoned dataset on disk would be, and so
+is the triggered test set. Poisoning is deterministic from ``seed`` and poisons exactly
+``round(rate * N)`` samples. All-to-one relabels to ``target`` and draws from the non-target
+samples (as BackdoorBench does); all-to-all relabels ``y -> (y + 1) mod K`` and draws from all
+samples. Clean-label attacks (``clean_label = True``) poison only target-class images and keep
+every label.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Literal
+
+import torch
+
+from ...core.config import check, check_fraction, check_non_negative, option
+from ...core.errors import ConfigError, DataError
+from ..data import ImageData, to_float, to_uint8
+
+log = logging.getLogger("unbackdoor.classify.attacks")
+
+
+@dataclass
+class AttackConfig:
+    """The fields every attack has: which attack, on which target, at which rate, from which seed."""
+
+    name: str = option("badnets", "attack name (see `unbackdoor classify poison --help` for the list)")
+    target: int = option(0, "target class of all-to-one attacks (BackdoorBench: 0)")
+    rate: float = option(0.1, "fraction of the training set that is poisoned (BackdoorBench: 0.1)")
+    mode: Literal["all2one", "all2all"] = option("all2one", "all2one: every trigger -> target; all2all: y -> (y+1) mod K")
+    seed: int = option(0, "seed of the poisoned-sample choice (and of the attack's own random pattern unless "
+                          "its own seed is set)")
+
+    attack_name: ClassVar[str | None] = None
+    """Set by each attack's config subclass; a mismatching ``name`` is an error."""
+    clean_label: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        n = type(self).__name__
+        if self.attack_name is not None and self.name != self.attack_name:
+            raise ConfigError(f"{n} is the config of '{self.attack_name}', not '{self.name}'", where=f"{n}.name",
+                              fix="build attack configs with attack_config(name, ...)")
+        check_fraction(self, "rate")
+        check(self.rate < 1, "rate", self.rate, "< 1 (some clean samples must remain)", n)
+        check_non_negative(self, "target")
+        if self.clean_label and self.mode == "all2all":
+            raise ConfigError(f"{self.name} is a clean-label attack on one target class; all2all is undefined",
+                              where=f"{n}.mode", fix="use mode=all2one")
+
+
+@dataclass
+class PoisonResult:
+    """A poisoned training set and which records were changed.
+
+    ``poisoned``: backdoor samples (trigger, and target label unless clean-label);
+    ``noise``: WaNet noise-mode / BPP negative samples (modified image, label unchanged).
+    """
+
+    data: ImageData
+    poisoned: torch.Tensor
+    noise: torch.Tensor
+
+
+def attack_targets(labels: torch.Tensor, cfg: AttackConfig, num_classes: int) -> torch.Tensor:
+    """The label a triggered input should get under the attack (for ASR): target, or (y+1) mod K."""
+    if cfg.mode == "all2all":
+        return (labels + 1) % num_classes
+    return torch.full_like(labels, cfg.target)
+
+
+def label_preserving(data: ImageData, n: int, exclude: torch.Tensor, g: torch.Generator,
+                     fn: Callable[[torch.Tensor], torch.Tensor], what: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``n`` clean samples outside ``exclude`` transformed by ``fn``, labels unchanged (noise / negative samples)."""
+    if n == 0:
+        return None
+    mask = torch.ones(len(data), dtype=torch.bool)
+    mask[exclude] = False
+    pool = mask.nonzero().flatten()
+    if n > len(pool):
+        raise ConfigError(f"{what} samples ({n}) exceed the clean samples left ({len(pool)})",
+                          where="AttackConfig", fix="lower the rate or the cross/negative ratio")
+    idx = torch.sort(pool[torch.randperm(len(pool), generator=g)[:n]]).values
+    return idx, to_uint8(fn(to_float(data.images[idx])))
+
+
+class Attack:
+    """Base class: ``apply`` is the trigger; ``poison`` and ``triggered_test_set`` are shared."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[AttackConfig]] = AttackConfig
+    """The attack's config class (common fields + its own knobs)."""
+
+    def __init__(self, cfg: AttackConfig):
+        if not isinstance(cfg, self.Config):
+            raise ConfigError(f"attack '{self.name}' takes a {self.Config.__name__}, got {type(cfg).__name__}",
+                              where=f"attack '{self.name}'", fix="build attack configs with attack_config(name, ...)")
+        self.cfg = cfg
+
+    @property
+    def clean_label(self) -> bool:
+        return self.Config.clean_label
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The triggered version of float images ``x`` ``[N, C, H, W]`` in ``[0, 1]``."""
+        raise NotImplementedError
+
+    def noise_samples(self, data: ImageData, count: int, exclude: torch.Tensor,
+                      g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Indices and images of label-preserving noise samples (WaNet, BPP); none by default."""
+        return None
+
+    # -- shared machinery ------------------------------------------------------------------
+    def _check(self, data: ImageData) -> None:
+        if self.cfg.mode == "all2one" and self.cfg.target >= data.num_classes:
+            raise ConfigError(f"target class {self.cfg.target} does not exist in '{data.name}' "
+                              f"({data.num_classes} classes)", where="AttackConfig.target",
+                              fix=f"choose a target in 0..{data.num_classes - 1}")
+
+    def candidates(self, data: ImageData) -> torch.Tensor:
+        if self.clean_label:
+            return (data.labels == self.cfg.target).nonzero().flatten()
+        if self.cfg.mode == "all2one":
+            return (data.labels != self.cfg.target).nonzero().flatten()
+        return torch.arange(len(data))
+
+    def poison(self, data: ImageData) -> PoisonResult:
+        self._check(data)
+        cfg = self.cfg
+        count = round(cfg.rate * len(data))
+        cand = self.candidates(data)
+        if count > len(cand):
+            kind = "target-class" if self.clean_label else "non-target"
+            raise ConfigError(f"rate {cfg.rate} asks for {count} poisoned samples but '{data.name}' has only "
+                              f"{len(cand)} {kind} samples", where="AttackConfig.rate",
+                              fix=f"use rate <= {len(cand) / len(data):.4f}")
+        if count == 0:
+            log.warning("rate %s on %d samples poisons nothing", cfg.rate, len(data))
+        g = torch.Generator().manual_seed(int(cfg.seed))
+        chosen = torch.sort(cand[torch.randperm(len(cand), generator=g)[:count]]).values
+        images, labels = data.images.clone(), data.labels.clone()
+        if count:
+            images[chosen] = to_uint8(self.apply(to_float(images[chosen]), g))
+            if not self.clean_label:
+                labels[chosen] = attack_targets(labels[chosen], cfg, data.num_classes)
+        noise_idx = torch.empty(0, dtype=torch.long)
+        extra = self.noise_samples(data, count, chosen, g)
+        if extra is not None:
+            noise_idx, noise_imgs = extra
+            images[noise_idx] = noise_imgs
+        out = ImageData(images, labels, data.num_classes, list(data.class_names), f"{data.name}-{self.name}")
+        return PoisonResult(out, chosen, torch.sort(noise_idx).values)
+
+    def triggered_test_set(self, test: ImageData) -> ImageData:
+        """Test images whose true label is not the target (all of them for all2all), triggered, labels kept."""
+        self._check(test)
+        keep = (test.labels != self.cfg.target).nonzero().flatten() if self.cfg.mode == "all2one" else torch.arange(len(test))
+        if len(keep) == 0:
+            raise DataError("no test image has a label other than the target", where=f"dataset '{test.name}'",
+                            fix="use a test set with several classes")
+        g = torch.Generator().manual_seed(int(self.cfg.seed) + 1)
+        x = to_uint8(self.apply(to_float(test.images[keep]), g))
+        return ImageData(x, test.labels[keep].clone(), test.num_classes, list(test.class_names),
+                         f"{test.name}-{self.name}-triggered")
+
+

@@ -1,0 +1,76 @@
+"""What the classifier defenses share: clean-data checks, the head, fine-tuning, and their report.
+
+A defense imports from here (and from ``..loop``, ``..batching``, ``..models``), never from
+another defense or from the evaluation: removing a backdoor must not peek at how it is judged.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.errors import DataError
+from ..batching import Prepare
+from ..loop import fit_sgd
+from ..models import find_head
+
+
+def check_clean_data(labels: torch.Tensor, num_classes: int, min_per_class: int, what: str = "ULRL") -> None:
+    """Labels in range and enough samples to run; errors say how many are needed."""
+    bad = torch.nonzero((labels < 0) | (labels >= num_classes)).flatten()
+    if bad.numel():
+        i = int(bad[0])
+        raise DataError(f"label {int(labels[i])} outside 0..{num_classes - 1} ({bad.numel()} such labels)",
+                        where=f"clean data, record {i}, field 'label'",
+                        fix=f"labels must index the model's {num_classes} outputs; check the dataset matches the model")
+    needed = max(2, min_per_class * num_classes)
+    if labels.shape[0] < needed:
+        raise DataError(
+            f"the clean subset has {labels.shape[0]} samples; {what} needs at least {needed} "
+            f"({min_per_class} per class x {num_classes} classes)", where="clean data",
+            fix=f"give at least {needed} clean samples (the paper uses 1% of the training set, e.g. 500 for CIFAR-10)")
+
+
+def num_classes_of(labels: torch.Tensor, num_classes: int | None) -> int:
+    """The class count given, else the largest clean label + 1."""
+    return int(num_classes) if num_classes is not None else int(labels.max()) + 1
+
+
+def head_of(model: nn.Module, num_classes: int, path: str | None = None) -> tuple[str, nn.Linear]:
+    """The classifier head (dotted name, module): ``path``, else found generically (models.find_head)."""
+    return find_head(model, num_classes, path)
+
+
+def finetune(model: nn.Module, data: Any, *, lr: float, momentum: float, weight_decay: float, epochs: int,
+             batch_size: int, augment: bool, seed: int, prepare: Prepare | None, extra_loss: Any = None,
+             desc: str = "fine-tune") -> list[dict[str, float]]:
+    """SGD with a cosine schedule on CE (+ ``extra_loss()``), in place; returns the per-epoch log."""
+    if epochs == 0:
+        return []
+
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(logits, y)
+        return loss + extra_loss() if extra_loss is not None else loss
+
+    logs = fit_sgd(model, data, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                   weight_decay=weight_decay, scheduler="cosine", augment=augment, seed=seed, loss_fn=loss_fn,
+                   prepare=prepare, desc=desc)
+    return [dataclasses.asdict(lg) for lg in logs]
+
+
+@dataclass
+class DefenseReport:
+    """What a defense did: its name, the clean samples it used, timings, and method details."""
+
+    method: str
+    clean_samples: int
+    timings: dict[str, float]
+    details: dict[str, Any]
+    config: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
