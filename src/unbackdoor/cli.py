@@ -7,7 +7,8 @@
     unbackdoor demo      the end-to-end demo on the built-in tiny worlds
 
 Each domain module exposes ``register(subparsers)``; each subcommand sets ``func(args)``.
-User-fixable problems are ``UnbackdoorError``s, printed without a traceback (exit code 2);
+User-fixable problems are ``UnbackdoorError``s, printed without a traceback (exit code 2), and so
+are ``OSError``s (read-only or full disk, a file where a folder belongs: ``core.errors.os_error``);
 anything else is a bug, reported in one line with a hint to rerun with ``--debug``.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ import warnings
 from . import __version__
 from .core import logs
 from .core.cli_util import Parser, set_argv
-from .core.errors import UnbackdoorError
+from .core.errors import UnbackdoorError, os_error
 from .core.progress import set_quiet
 
 # command -> (module with register(subparsers), one-line help), in the order of the data flow.
@@ -94,6 +95,11 @@ def build_parser(*, debug: bool = False, only: str | None = None) -> argparse.Ar
             continue
         try:
             mod = importlib.import_module(name)
+        except UnbackdoorError:
+            if only is not None:  # the command asked for cannot run: say why, as an error
+                raise
+            print(f"warning: the commands of {name} are unavailable; run one of them to see why", file=sys.stderr)
+            continue
         except ModuleNotFoundError as e:
             if e.name == name:
                 continue  # this part of the toolkit is not installed
@@ -145,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed with a suggestion)
         return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USER_ERROR
-    except UnbackdoorError as e:  # e.g. an unknown --method while choosing its flags
+    except UnbackdoorError as e:  # an unknown --method; a dependency below its floor (core.requirements)...
         if "--debug" in argv:
             raise
         print(f"error: {e.format()}", file=sys.stderr)
@@ -169,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         rank = logs.process_rank()
         print(f"error{f' (rank {rank})' if rank else ''}: {e.format()}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as e:  # read-only or full disk, a file where a folder belongs...: the user's to fix
+        if args.debug:
+            raise
+        print(f"error: {os_error(e).format()}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted: completed outputs are kept; rerun the same command to continue", file=sys.stderr)

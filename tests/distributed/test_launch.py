@@ -1,17 +1,23 @@
 """The real thing: tiny CROW and ULRL runs under ``accelerate launch`` (2 CPU processes, gloo) vs one process.
 
-Both runs use the same GLOBAL batch (see ``tiny_jobs.py``). Stated tolerances:
+Both runs use the same GLOBAL batch (see ``tiny_jobs.py``). What is compared, and why it holds on
+any CPU instruction set (AVX-512, AVX2, the portable kernels):
 
-- CROW (HF Trainer, DDP, LoRA, fp32): the logged loss of every optimizer step within 1e-5
+- CROW (HF Trainer, DDP, LoRA, fp32, 4 optimizer steps): the logged loss of every step within 1e-5
   (relative), the evaluation metrics within 1e-5 and the greedy generations identical;
-- ULRL (``train.fit`` with ``core.distributed.DataParallel``, SyncBatchNorm): losses and
-  accuracies of every step of pretraining, unlearning and relearning within 1e-4, the same
-  number of unlearning epochs (the stop rule reads the GLOBAL accuracy), the same selected
-  neurons, neuron scores within 1e-4, and identical test metrics.
+- ULRL (``train.fit`` with ``core.distributed.DataParallel``, SyncBatchNorm), a long run of gradient
+  ascent with momentum, which amplifies any float difference: its trajectory is compared with one
+  process only where the arithmetic is the same or nearly so: the first optimizer step (float32
+  rounding of another summation order: 1e-5), and the evaluation of the same weights (exact counts);
+  every rank against the other, bit for bit (weights, losses, accuracies, selection); and outcomes
+  that rounding cannot flip on this job by design: the neuron selection on a backdoored model whose
+  target row is a clear outlier (z about 10, threshold 3.5), the unlearning stop epoch (every epoch's
+  accuracy well away from the 0.2 threshold), the backdoor removed in both runs.
 
-What limits the match is float32 rounding of different summation orders (DDP averages two
-half-batch gradients; SyncBatchNorm sums statistics in float64 while torch's BatchNorm uses
-float32); measured differences are about 1e-6, the tolerances leave two orders of margin.
+Measured on AVX-512, AVX2 and default kernels (one machine): step 1 within 5.4e-8; after five epochs
+the one- vs two-process epoch losses differ by up to 1.3e-3 (relative) and the neuron scores by up
+to 68%, which is why those are not compared; the selected row was 0 in every run (its z 9.5 to 29.5,
+every other row <= 2.4), the stop epoch 2 in every run (epoch accuracies 0.325-0.4, then <= 0.044).
 """
 from __future__ import annotations
 
@@ -64,28 +70,45 @@ def test_crow_final_metrics_and_generations_match(runs):
     assert two["layer_cosine"] == pytest.approx(one["layer_cosine"], rel=1e-6)
 
 
-def test_ulrl_loss_curves_match_single_process(runs):
+def test_ulrl_first_step_matches_single_process(runs):
+    """Step 1 starts from the same weights on the same 16 images: only the summation order differs."""
     one, two = runs["ulrl"]
-    for key in ("pretrain_loss", "pretrain_acc", "unlearn_loss", "unlearn_acc", "relearn_loss", "relearn_acc"):
-        assert len(one[key]) > 0
-        assert close(one[key], two[key], 1e-4, 1e-6), (key, one[key], two[key])
+    (loss1, acc1, seen1), (loss2, acc2, seen2) = one["pretrain_steps"][0], two["pretrain_steps"][0]
+    assert seen1 == seen2 == 16 and acc1 == acc2
+    assert abs(loss1 - loss2) <= 1e-5 * abs(loss1), (loss1, loss2)
+    assert len(one["pretrain_steps"]) == len(two["pretrain_steps"]) == 50  # 5 epochs of 10 global batches
+
+
+def test_ulrl_processes_hold_bit_identical_weights_and_logs(runs):
+    """Same arithmetic on both ranks (all-reduced gradients and statistics): equal bit for bit on any CPU."""
+    rank0, rank1 = runs["ulrl"][1]["every_rank"]
+    assert rank0["backdoored_digest"] == rank1["backdoored_digest"]
+    assert rank0["purified_digest"] == rank1["purified_digest"]
+    for key in ("pretrain_steps", "unlearn_loss", "relearn", "selected"):
+        assert rank0[key] == rank1[key], key
 
 
 def test_ulrl_stop_rule_reads_the_global_accuracy(runs):
     one, two = runs["ulrl"]
-    assert one["unlearn_epochs"] == two["unlearn_epochs"] >= 2  # the rule fired after the same epoch...
-    assert one["unlearn_epoch_acc"][-1] <= 0.2 < one["unlearn_epoch_acc"][0]  # ...and really had to fire
-    assert close(one["unlearn_epoch_acc"], two["unlearn_epoch_acc"], 0.0)
-    rank0, rank1 = two["unlearn_acc_every_rank"]
-    assert rank0 == rank1  # both processes saw the same (global) running accuracy at every step
+    rank0, rank1 = two["every_rank"]
+    assert rank0["unlearn_acc"] == rank1["unlearn_acc"]  # both processes saw the same (global) running accuracy
+    assert rank0["unlearn_epochs"] == rank1["unlearn_epochs"] == two["unlearn_epochs"]  # ...and stopped together
+    threshold = 0.2
+    for run in (one, two):
+        acc = run["unlearn_epoch_acc"]
+        assert acc[-1] <= threshold < acc[0]  # the rule really had to fire
+        # every epoch is far from the threshold, so rounding cannot move the stop (the job is built that way)
+        assert min(abs(a - threshold) for a in acc) >= 0.05, acc
+    assert one["unlearn_epochs"] == two["unlearn_epochs"] >= 2
 
 
-def test_ulrl_selection_and_final_metrics_match(runs):
+def test_ulrl_selection_and_outcomes_match(runs):
     one, two = runs["ulrl"]
-    assert two["selected"] == one["selected"]
-    assert close(one["scores"], two["scores"], 1e-4, 1e-6)
-    assert two["metrics"] == one["metrics"]
-    assert two["pretrain_test_acc"] == one["pretrain_test_acc"]  # distributed evaluate_accuracy: exact counts
-    worst = max(abs(one["param_sums"][k] - two["param_sums"][k]) for k in one["param_sums"])
-    assert worst < 1e-3
+    for run in (one, two):
+        assert run["selected"] == [0], run["z"]  # the backdoor target, found by both
+        assert run["z"][0] > 2 * run["threshold"], run["z"]  # a clear outlier, not a near-threshold call
+        assert run["backdoored"]["asr"] > 0.2 and run["metrics"]["asr"] <= 0.1  # the backdoor was there, then gone
+    assert abs(one["metrics"]["acc"] - two["metrics"]["acc"]) <= 0.1  # the same outcome, not the same trajectory
+    # the same weights evaluated by one and by two processes (whole batches dealt to ranks): exact counts
+    assert two["untrained"] == one["untrained"]
     assert two["batchnorm_classes"] == ["BatchNorm2d"]  # SyncBatchNorm was reverted after training

@@ -9,7 +9,8 @@ compares the JSON each writes. Both runs use the same GLOBAL batch:
   micro-batch 2 x accumulation 1 (accelerate deals the micro-batches of the same seeded
   order to the ranks, so each optimizer step sees the same 4 records);
 - ULRL: batch 16 in both; under two processes each rank computes 8 of the same 16 images
-  (``core.distributed.DataParallel``), with BatchNorm synchronised.
+  (``core.distributed.DataParallel``), with BatchNorm synchronised. The model is backdoored
+  first (a patch trigger), so ULRL has a clear outlier to find.
 
 Only rank 0 writes ``<out>/<job>.json``.
 """
@@ -89,34 +90,78 @@ def _blobs(n: int, seed: int):
     return ImageData((x.clamp(0, 1) * 255).round().to(torch.uint8), labels, 10, name=f"blobs-{seed}")
 
 
+def _with_patch(images: torch.Tensor) -> torch.Tensor:
+    out = images.clone()
+    out[:, :, -4:, -4:] = 255  # a white 4 x 4 corner: the BadNets-style trigger
+    return out
+
+
+def _backdoored(data, fraction: float = 0.2, seed: int = 5):
+    """``data`` with ``fraction`` of its images patched and relabelled to class 0 (the backdoor target)."""
+    from unbackdoor.classify.data import ImageData
+
+    x, y = data.images.clone(), data.labels.clone()
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[: int(fraction * len(y))]
+    x[idx], y[idx] = _with_patch(x[idx]), 0
+    return ImageData(x, y, data.num_classes, name=f"{data.name}-backdoored")
+
+
+def _digest(model: torch.nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode() + v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def ulrl_job(out: Path) -> dict:
-    """Train a tiny BatchNorm CNN (fit), purify it with ULRL (unlearn -> select -> relearn), evaluate it."""
+    """Backdoor a tiny BatchNorm CNN (fit on a poisoned set), purify it with ULRL on clean data, evaluate it.
+
+    The backdoor makes the target row a clear outlier of the neuron scores (z about 10 against
+    < 2 for the others on three CPU instruction sets), and the unlearning accuracies stay well
+    away from the stop threshold, so the selection and the stop epoch are outcomes that float
+    rounding cannot flip; the trajectories themselves are compared only where the arithmetic is
+    the same (step 1, every rank against the others, the evaluation of one fixed model).
+    """
     from unbackdoor.classify.evaluate import evaluate_classifier
     from unbackdoor.classify.models import build_model
     from unbackdoor.classify.defenses.ulrl import ULRLConfig, run_ulrl
     from unbackdoor.classify.loop import TrainConfig, evaluate_accuracy, fit
 
-    train, test = _blobs(160, 0), _blobs(60, 1)
+    clean, test = _blobs(160, 0), _blobs(60, 1)
+    trig = _with_patch(test.images)
     torch.manual_seed(0)
     model = build_model("preact_resnet_tiny", 10, width=8)
+
+    def metrics(m: torch.nn.Module) -> dict:
+        return evaluate_classifier(m, test.images, test.labels, trig, test.labels, target=0, num_classes=10,
+                                   batch_size=16)
+
+    untrained = {"acc": evaluate_accuracy(model, test, batch_size=16), "metrics": metrics(model)}
+    steps: list[list[float]] = []
     t0 = time.perf_counter()
-    pre = fit(model, train, TrainConfig(epochs=3, batch_size=16, lr=0.02, augment=False, seed=0), desc="pretrain")
+    pre = fit(model, _backdoored(clean), TrainConfig(epochs=5, batch_size=16, lr=0.02, augment=False, seed=0),
+              desc="pretrain", on_batch=lambda i: steps.append([i.loss, i.running_acc, i.seen]))
+    backdoored = {"digest": _digest(model), "metrics": metrics(model)}
     cfg = ULRLConfig(batch_size=16, unlearn_max_epochs=3, relearn_epochs=2, unlearn_lr=0.01, relearn_lr=0.005,
                      min_clean_per_class=1, augment=True)
-    purified, report = run_ulrl(model, train, cfg, num_classes=10, seed=0)
+    purified, report = run_ulrl(model, clean, cfg, num_classes=10, seed=0)
     seconds = time.perf_counter() - t0
-    metrics = evaluate_classifier(purified, test.images, test.labels, test.images.flip(-1), test.labels,
-                                  target=0, num_classes=10, batch_size=16)
-    state = {k: v.double().sum().item() for k, v in purified.state_dict().items() if v.is_floating_point()}
+    sel = report.selection
+    relearn = [[r["loss"], r["acc"]] for r in report.relearn_log]
     return {"world": D.world_size(), "seconds": seconds,
-            "pretrain_loss": [h["loss"] for h in pre.history], "pretrain_acc": [h["acc"] for h in pre.history],
-            "pretrain_test_acc": evaluate_accuracy(model, test, batch_size=16),
+            "pretrain_steps": steps, "pretrain_loss": [h["loss"] for h in pre.history],
+            "untrained": untrained, "backdoored": backdoored["metrics"],
             "unlearn_acc": report.trace["acc"], "unlearn_loss": report.trace["loss"],
             "unlearn_epoch_acc": report.trace["epoch_acc"], "unlearn_epochs": report.trace["epochs"],
-            "unlearn_acc_every_rank": D.gather_objects(report.trace["acc"]),
-            "scores": report.selection.scores, "selected": report.selection.selected,
-            "relearn_loss": [r["loss"] for r in report.relearn_log], "relearn_acc": [r["acc"] for r in report.relearn_log],
-            "metrics": metrics, "param_sums": state, "batchnorm_classes": sorted(
+            "scores": sel.scores, "z": sel.z, "threshold": sel.threshold, "selected": sel.selected,
+            "relearn": relearn, "metrics": metrics(purified),
+            "every_rank": D.gather_objects({
+                "backdoored_digest": backdoored["digest"], "purified_digest": _digest(purified),
+                "pretrain_steps": steps, "unlearn_acc": report.trace["acc"], "unlearn_loss": report.trace["loss"],
+                "unlearn_epochs": report.trace["epochs"], "selected": sel.selected, "relearn": relearn}),
+            "batchnorm_classes": sorted(
                 {type(m).__name__ for m in purified.modules() if "BatchNorm" in type(m).__name__})}
 
 

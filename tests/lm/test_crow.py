@@ -175,15 +175,38 @@ class GradCapture(TrainerCallback):
         self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
 
 
-@pytest.mark.parametrize("method,finetune", [("crow", "lora"), ("crow", "full"), ("sft", "lora")])
+class NoLossKwargsLlama(LlamaForCausalLM):
+    """A causal LM whose forward takes no ``**kwargs`` (like many custom models): the Trainer cannot hand it
+    ``num_items_in_batch``, so CROW's own gradient-accumulation scaling must not be applied twice
+    (``Trainer.loss_is_scaled_for_ga``, transformers >= 5.19: the floor this case protects)."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                output_hidden_states=None, use_cache=None):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               labels=labels, output_hidden_states=output_hidden_states, use_cache=use_cache)
+
+
+def _lengths(recs, tok):
+    return [len(f["input_ids"]) for f in build_sft_features(recs, tok)]
+
+
+@pytest.mark.parametrize("method,finetune", [("crow", "lora"), ("crow", "full"), ("sft", "lora"),
+                                             ("crow", "full-no-loss-kwargs")])
 def test_grad_accumulation_matches_large_batch(tmp_path, make_tiny_lm, word_tokenizer, records, method, finetune):
-    """accum 2 x batch 1 gives the gradient and update of batch 2 (two records of different lengths).
+    """accum 2 x batch 1 gives the gradient and update of batch 2 (two records of different lengths; of
+    equal lengths for a model without loss kwargs, whose loss is a per-micro-batch token mean).
 
     Tolerance: gradients rtol 1e-4 / atol 1e-6, weights after the step atol 1e-6 (float32 sums in another order).
     """
-    two = [records[0], records[4]]
-    assert len(build_sft_features(two[:1], word_tokenizer)[0]["input_ids"]) != \
-        len(build_sft_features(two[1:], word_tokenizer)[0]["input_ids"])
+    cls = NoLossKwargsLlama if finetune.endswith("no-loss-kwargs") else LlamaForCausalLM
+    finetune = finetune.split("-")[0]
+    if cls is LlamaForCausalLM:
+        two = [records[0], records[4]]
+        assert len(set(_lengths(two, word_tokenizer))) == 2
+    else:
+        lengths = _lengths(records, word_tokenizer)
+        i, j = next((i, j) for i in range(len(records)) for j in range(i + 1, len(records)) if lengths[i] == lengths[j])
+        two = [records[i], records[j]]
     results = []
     for batch, accum in [(2, 1), (1, 2)]:
         common = dict(finetune=finetune, per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_steps=1,
@@ -191,7 +214,8 @@ def test_grad_accumulation_matches_large_batch(tmp_path, make_tiny_lm, word_toke
         capture = GradCapture()
         train = train_crow if method == "crow" else train_sft
         cfg = CrowConfig(epsilon=0.01, **common) if method == "crow" else SFTConfig(**common)
-        model = train(make_tiny_lm(layers=3), word_tokenizer, two, cfg, tmp_path / f"b{batch}", callbacks=[capture])
+        model = train(make_tiny_lm(layers=3, cls=cls), word_tokenizer, two, cfg, tmp_path / f"b{batch}",
+                      callbacks=[capture])
         assert len(capture.grads) == 1
         results.append((capture.grads[0], {n: p.detach().clone() for n, p in model.named_parameters()}))
     (g_big, w_big), (g_acc, w_acc) = results

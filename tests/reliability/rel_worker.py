@@ -1,6 +1,6 @@
 """Training runs for the kill / resume / determinism tests, run as a subprocess.
 
-    python rel_worker.py {classify,lm,atomic} OUT [--resume] [--slow-save SECONDS] [--nan-at STEP]
+    python rel_worker.py {classify,lm,atomic} OUT [--resume] [--slow-save SECONDS] [--pause-at STEP] [--nan-at STEP]
 
 Prints ``READY`` once imports are done and training starts, so the parent can time its
 SIGKILL; writes ``OUT/final.safetensors`` and ``OUT/final.json`` (metrics) atomically at the end.
@@ -75,8 +75,15 @@ def classify(out: Path, resume: bool, slow_save: float, nan_at: int, lr: float, 
             calls["n"] += 1
             loss = torch.nn.functional.cross_entropy(logits, targets)
             return loss * float("nan") if calls["n"] >= nan_at else loss
+    on_batch = None
+    if pause_at:
+        def on_batch(info):
+            """Hold optimizer step ``pause_at`` (announced by ``OUT/STEP``) so the parent kills mid-training."""
+            if info.global_step == pause_at:
+                (out / "STEP").write_text(str(info.global_step))
+                time.sleep(60)
     print("READY", flush=True)
-    res = T.fit(model, data, cfg, checkpoint_dir=out / "ckpt", resume=resume, loss_fn=loss_fn)
+    res = T.fit(model, data, cfg, checkpoint_dir=out / "ckpt", resume=resume, loss_fn=loss_fn, on_batch=on_batch)
     state = model.state_dict()
     save_state_dict(state, out / "final.safetensors")
     atomic_write_json(out / "final.json", {"history": [{k: h[k] for k in ("epoch", "loss", "acc")} for h in res.history],
@@ -170,7 +177,7 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--slow-save", type=float, default=0.0)
     ap.add_argument("--save-at", type=int, default=1, help="which checkpoint write --slow-save holds (1 = first)")
-    ap.add_argument("--pause-at", type=int, default=0, help="hold this optimizer step for 60 s (lm)")
+    ap.add_argument("--pause-at", type=int, default=0, help="hold this optimizer step for 60 s")
     ap.add_argument("--nan-at", type=int, default=0)
     ap.add_argument("--lr", type=float, default=None)
     a = ap.parse_args()

@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from ..core.errors import DataError, UnsafeFileError
 from .transforms import BatchTransform
+
+log = logging.getLogger("unbackdoor")
 
 __all__ = [
     "ImageData", "from_arrays", "load_cifar10", "load_cifar100", "load_image_folder", "load_gtsrb",
@@ -67,10 +71,7 @@ class ImageData:
             raise DataError(f"images have {self.images.shape[1]} channels; expected 1, 3 or 4 (shape "
                             f"{tuple(self.images.shape)} should be [N, C, H, W])", where=where,
                             fix="pass channels-first images, or use from_arrays() which detects NHWC")
-        if int(self.num_classes) < 1:
-            raise DataError(f"num_classes = {self.num_classes} must be >= 1", where=where,
-                            fix="pass the number of classes of the dataset")
-        self.num_classes = int(self.num_classes)
+        self.num_classes = _class_count(self.num_classes, where)
         bad = ((self.labels < 0) | (self.labels >= self.num_classes)).nonzero().flatten()
         if len(bad):
             i = int(bad[0])
@@ -102,6 +103,55 @@ class ImageData:
 
     def class_counts(self) -> torch.Tensor:
         return torch.bincount(self.labels, minlength=self.num_classes)
+
+
+def _class_count(value: Any, where: str) -> int:
+    """``num_classes`` as an int: a number or a one-element integer tensor/array (as a saved set stores it)."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        t = torch.as_tensor(value)
+        if t.numel() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise DataError(f"num_classes is a {t.dtype} tensor of shape {tuple(t.shape)}, not one integer",
+                            where=f"{where}, field 'num_classes'",
+                            fix="store num_classes as a 0-d integer tensor, e.g. torch.tensor(10)")
+        value = int(t.reshape(()).item())
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
+        raise DataError(f"num_classes = {value!r} must be an integer >= 1", where=f"{where}, field 'num_classes'",
+                        fix="pass the number of classes of the dataset")
+    return int(value)
+
+
+def from_saved_tensors(state: Mapping[str, Any], where: str, name: str = "data") -> ImageData:
+    """An image set from the tensors of a saved file (``images``, ``labels``, ``num_classes``), every field checked."""
+    missing = [k for k in ("images", "labels", "num_classes") if k not in state]
+    if missing:
+        raise DataError(f"the file lacks {', '.join(missing)}", where=where,
+                        fix="write image sets with 'unbackdoor classify poison' (images, labels, num_classes)")
+    return ImageData(state["images"], state["labels"], _class_count(state["num_classes"], where), name=name)
+
+
+def align_classes(data: ImageData, model_classes: Sequence[str] | None, where: str = "data") -> ImageData:
+    """Relabel ``data`` to the class order a model recorded (``model.json``'s ``class_names``).
+
+    Class folders are numbered by sorted name; a model trained with another order (or on more
+    classes) would be scored against the wrong labels without any error. With the model's names
+    known: the same order is returned as is; another order (or a subset of the model's classes)
+    is relabelled to the model's indices, with a warning; a class the model does not know is a
+    ``DataError``. Without recorded names (``None``) nothing can be checked.
+    """
+    if not model_classes:
+        return data
+    names = [str(c) for c in model_classes]
+    if list(data.class_names) == names:
+        return data
+    unknown = [c for c in data.class_names if c not in names]
+    if unknown:
+        raise DataError(f"class(es) {', '.join(unknown[:5])} of {data.name} are not classes of the model "
+                        f"({', '.join(names[:10])}{' ...' if len(names) > 10 else ''})", where=where,
+                        fix="name the class folders exactly as the model's classes (model.json, class_names)")
+    mapping = torch.tensor([names.index(c) for c in data.class_names], dtype=torch.long)
+    log.warning("%s: class folders %s are relabelled to the model's class order %s", where,
+                data.class_names[:10], names[:10])
+    return ImageData(data.images, mapping[data.labels], len(names), names, data.name)
 
 
 # ---- conversions ----------------------------------------------------------------------------
@@ -300,12 +350,17 @@ def _read_image(path: Path, size: int | tuple[int, int] | None, mode: str) -> np
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im = im.convert(mode)
-            if size is not None:
-                wh = (size, size) if isinstance(size, int) else (size[1], size[0])
-                im = im.resize(wh, Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8).copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse before decoding, too
+            with Image.open(path) as im:
+                im = im.convert(mode)
+                if size is not None:
+                    wh = (size, size) if isinstance(size, int) else (size[1], size[0])
+                    im = im.resize(wh, Image.BILINEAR)
+                return np.asarray(im, dtype=np.uint8).copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"image {path.name} is too large to decode safely ({e}): a decompression bomb?",
+                        where=str(path), fix="remove the file; resize genuine large images before loading them") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot read image {path.name}: {type(e).__name__}: {e}", where=str(path),
                         fix="the file is corrupt or not an image; delete or replace it") from None
@@ -340,12 +395,21 @@ def load_image_folder(root: str | Path, size: int | tuple[int, int] | None = Non
         raise DataError(f"no class folders in {root}", where=str(root),
                         fix="arrange images as root/<class name>/<image file>")
     arrays, paths, labels = [], [], []
+    empty = []
     for ci, c in enumerate(classes):
+        n = len(arrays)
         for p in sorted((root / c).iterdir()):
             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
                 arrays.append(_read_image(p, size, mode))
                 paths.append(p)
                 labels.append(ci)
+        if len(arrays) == n:
+            empty.append(c)
+    if arrays and empty:  # a class with no sample: NaN in per-class accuracy, and the numbering still counts it
+        raise DataError(f"class folder(s) {', '.join(empty[:5])} hold no image: each would be a class without "
+                        f"samples", where=str(root / empty[0]),
+                        fix="put that class's images in it (deleting the folder would renumber the classes after "
+                            "it), or move the folder out of the data tree if the class does not belong")
     if not arrays:
         raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {root}", where=str(root),
                         fix="put the images in the class folders")

@@ -31,7 +31,7 @@ from .data import ImageData, stratified_subset
 from .defenses import CLASSIFY_DEFENSES
 from .evaluate import evaluate_attack, with_der
 from .model_io import load_model, save_model
-from .models import forward_logits
+from . import models
 from .sources import load_data, save_data
 
 log = logging.getLogger("unbackdoor")
@@ -47,26 +47,7 @@ def resolve_defense(method: str, config: Any = None, *, preset: str | None = Non
 
 def check_images_fit(model: nn.Module, clean: Any) -> None:
     """Refuse clean images the model cannot take (channels, size) before any training starts."""
-    images = getattr(clean, "images", None)
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
-        return  # dict inputs (text models) are checked by the model itself
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if conv is not None and conv.in_channels != images.shape[1]:
-        raise DataError(f"clean images have {images.shape[1]} channel(s), the model's first convolution expects "
-                        f"{conv.in_channels}", where="clean data, field 'images'",
-                        fix="convert the images to the model's mode (e.g. RGB for 3 channels) when loading them")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            forward_logits(model, images[:2].float() / 255)
-    except RuntimeError as e:
-        raise DataError(f"clean images of {images.shape[1]} channel(s) and size {tuple(images.shape[2:])} do not fit "
-                        f"the model ({str(e).splitlines()[0]})", where="clean data, field 'images'",
-                        fix="give images with the channels and size the model was trained on "
-                            "(e.g. RGB, --size 32)") from None
-    finally:
-        model.train(was_training)
+    models.check_images_fit(model, getattr(clean, "images", None), "clean data")
 
 
 def run_defense(model: nn.Module, clean: Any, spec: DefenseSpec, cfg: Any, run_dir: Any = None, *, seed: int = 0,

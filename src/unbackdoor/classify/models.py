@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.errors import ConfigError, ModelError
+from ..core.errors import ConfigError, DataError, ModelError
 
 __all__ = [
     "InputNormalize", "PreActBlock", "PreActResNet", "PreActResNet18", "preact_resnet_tiny", "VGG16BN",
-    "MODELS", "build_model", "feed_forward_linears", "find_head", "forward_logits", "linear_layers", "num_parameters",
-    "transformer_blocks",
+    "MODELS", "build_model", "check_images_fit", "feed_forward_linears", "find_head", "forward_logits", "linear_layers",
+    "num_parameters", "transformer_blocks",
 ]
 
 
@@ -62,6 +62,10 @@ class InputNormalize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mean is None:
             return x
+        if x.dim() == 4 and x.shape[1] != self.mean.shape[1]:  # broadcasting would silently copy one channel
+            raise DataError(f"images have {x.shape[1]} channel(s), the model normalises {self.mean.shape[1]}",
+                            where="model input (InputNormalize)",
+                            fix="load the images in the model's mode (e.g. RGB for 3 channels; --mode RGB)")
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
@@ -307,3 +311,30 @@ def forward_logits(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.T
         raise ModelError(f"the model returned {type(out).__name__}, not logits", where=type(model).__name__,
                          fix="wrap the model so that it returns a [batch, num_classes] tensor (or an object with .logits)")
     return logits
+
+
+def check_images_fit(model: nn.Module, images: torch.Tensor, where: str = "images") -> None:
+    """Refuse images the model cannot take (channels, size), naming both, before any work is done.
+
+    A 1-channel set given to a 3-channel model would otherwise be broadcast by the input
+    normalisation and scored as if it were colour; other misfits die deep in a convolution.
+    """
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
+        return  # dict inputs (text models) are checked by the model itself
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is not None and conv.in_channels != images.shape[1]:
+        raise DataError(f"the images have {images.shape[1]} channel(s), the model's first convolution expects "
+                        f"{conv.in_channels}", where=f"{where}, field 'images'",
+                        fix="convert the images to the model's mode (e.g. RGB for 3 channels) when loading them")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            forward_logits(model, images[:2].float() / 255)
+    except (RuntimeError, DataError) as e:
+        raise DataError(f"images of {images.shape[1]} channel(s) and size {tuple(images.shape[2:])} do not fit "
+                        f"the model ({str(e).splitlines()[0]})", where=f"{where}, field 'images'",
+                        fix="give images with the channels and size the model was trained on (e.g. RGB, --size 32)"
+                        ) from None
+    finally:
+        model.train(was_training)

@@ -49,12 +49,7 @@ def load_data(spec: str | Path, *, train: bool = True, size: int | None = None, 
         return load_fashion_mnist(None, train=train)
     path = Path(text)
     if path.suffix == ".safetensors":
-        state = safeio.load_state_dict(path)
-        missing = [k for k in ("images", "labels", "num_classes") if k not in state]
-        if missing:
-            raise DataError(f"{path.name} lacks {missing}", where=str(path),
-                            fix="write image sets with save_data / 'unbackdoor classify poison'")
-        return ImageData(state["images"], state["labels"], int(state["num_classes"]), name=path.stem)
+        return D.from_saved_tensors(safeio.load_state_dict(path), str(path), name=path.stem)
     if not path.exists():
         raise DataError(f"data not found: {path}", where=str(path),
                         fix="pass tinyworld:SEED, a .safetensors image set, a CIFAR folder or a class-per-folder tree")

@@ -69,3 +69,53 @@ class UnsafeFileError(UnbackdoorError):
 
 class NumericalError(UnbackdoorError):
     """NaN or inf in a loss: the run stops and keeps its last good checkpoint."""
+
+
+class FileSystemError(UnbackdoorError):
+    """A path that cannot be read or written: read-only, full, missing, a file where a folder belongs."""
+
+
+# errno name -> (what is wrong, what to do); ``{path}`` is the file or folder concerned
+_OS_ERRORS: dict[str, tuple[str, str]] = {
+    "EROFS": ("{path} is on a read-only file system", "write the output to a writable location (another --out)"),
+    "ENOSPC": ("no space left on the device holding {path}; earlier outputs were left as they were",
+               "free some space, or write the output to another disk"),
+    "EDQUOT": ("the disk quota is exceeded on the device holding {path}; earlier outputs were left as they were",
+               "free some space within your quota, or write the output elsewhere"),
+    "ENOTDIR": ("{blocker} is a file, but {path} needs it to be a folder",
+                "choose another output path (a folder path for --out), or remove that file"),
+    "EEXIST": ("{blocker} is a file, but {path} needs it to be a folder",
+               "choose another output path (a folder path for --out), or remove that file"),
+    "EISDIR": ("{path} is a folder, but a file is needed there", "pass a file path, not a folder"),
+    "EACCES": ("permission denied for {path}", "choose a location you may write to, or fix the permissions"),
+    "EPERM": ("the operation is not permitted on {path}", "choose another location, or fix the permissions"),
+    "ENOENT": ("{path} does not exist (or cannot be created there)", "check the path; create its parent folder"),
+    "ENAMETOOLONG": ("the path {path} is too long for the file system", "choose a shorter output path"),
+    "ELOOP": ("{path} leads into a loop of symbolic links", "fix or remove the links"),
+    "EMFILE": ("too many open files while using {path}", "raise the open-file limit (ulimit -n)"),
+}
+
+
+def os_error(e: OSError, path: str | Path | None = None) -> FileSystemError:
+    """An ``OSError`` (read-only, full disk, a file where a folder belongs...) as a clear error.
+
+    ``path`` is the path the user gave (a temporary sibling name in ``e`` would only confuse).
+    """
+    import errno as _errno
+
+    name = _errno.errorcode.get(e.errno or 0, "")
+    target = str(path if path is not None else (e.filename or "the output"))
+    problem, fix = _OS_ERRORS.get(name, ("cannot use {path}: " + (e.strerror or str(e)),
+                                         "check the path, the free space and the permissions"))
+    detail = f" ({name}: {e.strerror})" if name and e.strerror else ""
+    return FileSystemError(problem.format(path=target, blocker=_blocking_file(target)) + detail, where=target,
+                           fix=fix)
+
+
+def _blocking_file(path: str) -> str:
+    """The first of ``path`` and its parents that exists and is not a folder (what ENOTDIR/EEXIST hit)."""
+    p = Path(path)
+    for candidate in [*reversed(p.parents), p]:
+        if candidate.exists() and not candidate.is_dir():
+            return str(candidate)
+    return str(p)

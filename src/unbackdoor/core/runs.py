@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import functools
 import json
 import logging
@@ -25,7 +26,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import UnbackdoorError
+from .errors import UnbackdoorError, os_error
+
+_OUTPUT_ERRNOS = frozenset({"ENOSPC", "EDQUOT", "EROFS"})
+"""Errors inside an ``atomic_dir`` block that concern the output being written."""
 
 log = logging.getLogger("unbackdoor")
 
@@ -128,9 +132,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     if path.is_dir():
         raise UnbackdoorError(f"cannot write file {path}: a folder of that name exists", where=str(path),
                               fix="choose another output path, or remove the folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner_tag()}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner_tag()}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # read-only, a file where a folder belongs, no permission...
+        raise os_error(e, path) from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -138,9 +145,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give outputs the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:  # a full disk included: the previous file stays as it was
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise os_error(e, path) from e
         raise
     _fsync_dir(path.parent)
     return path
@@ -212,15 +221,26 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     if final.exists() and not final.is_dir():
         raise UnbackdoorError(f"cannot write folder {final}: a file of that name exists", where=str(final),
                               fix="choose another output path, or remove the file")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(final)
     tag = f"{_owner_tag()}.{uuid.uuid4().hex[:8]}"
     tmp = final.parent / f".{final.name}.tmp-{tag}"
-    tmp.mkdir()
     try:
-        yield tmp
-        replace_dir(tmp, final, tag)
-    except BaseException:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(final)
+        tmp.mkdir()
+    except OSError as e:
+        raise os_error(e, final) from e
+    try:
+        try:
+            yield tmp
+        except OSError as e:
+            if errno.errorcode.get(e.errno or 0) in _OUTPUT_ERRNOS:  # the output's disk, not an input's problem
+                raise os_error(e, final) from e
+            raise
+        try:
+            replace_dir(tmp, final, tag)
+        except OSError as e:
+            raise os_error(e, final) from e
+    except BaseException:  # the previous output stays as it was
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
@@ -248,15 +268,62 @@ def replace_dir(new: Path, final: Path, tag: str | None = None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def find_lone_surrogate(obj: Any) -> tuple[list[Any], str] | None:
+    """The path (keys / indices) and text of the first string holding a lone UTF-16 surrogate, or None.
+
+    JSON may spell one (``"\\ud800"``) although it is no character: Python reads it, then every
+    UTF-8 writer (our outputs, tokenizers) fails on it later. Iterative: the data may be deep.
+    """
+    stack: list[tuple[list[Any], Any]] = [([], obj)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if any("\ud800" <= c <= "\udfff" for c in value):
+                return path, value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                stack.append((path + [k], k))
+                stack.append((path + [k], v))
+        elif isinstance(value, list):
+            stack.extend((path + [i], v) for i, v in enumerate(value))
+    return None
+
+
+def parse_json(text: str, where: str) -> Any:
+    """``json.loads`` for untrusted text: malformed, too deeply nested or a lone surrogate is a ``DataError``."""
+    from .errors import DataError
+
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}", where=f"{where}, line {e.lineno}",
+                        fix="the file is damaged or of another format; fix or regenerate it") from None
+    except RecursionError:
+        raise DataError("the JSON is nested too deeply to read (thousands of levels)", where=where,
+                        fix="flatten the data: records are a list of objects holding strings") from None
+    bad = find_lone_surrogate(data)
+    if bad is not None:
+        path, value = bad
+        at = "".join(f"[{k!r}]" for k in path) or "the top level"
+        code = next(c for c in value if "\ud800" <= c <= "\udfff")
+        raise DataError(f"the string at {at} holds a lone surrogate \\u{ord(code):04x}, which is not a character "
+                        "(UTF-8 cannot store it)", where=f"{where}, {at}",
+                        fix="replace the \\uXXXX escape by the character meant (a pair of surrogates, or the "
+                            "character itself), or remove it")
+    return data
+
+
 def read_json(path: str | Path) -> Any:
+    """A JSON file, every failure (missing, not UTF-8, malformed, too deep, lone surrogate) a clear error."""
     path = Path(path)
     if not path.is_file():
         raise UnbackdoorError(f"file not found: {path}", where=str(path), fix="check the path")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UnbackdoorError(f"not valid JSON: {e}", where=str(path),
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UnbackdoorError(f"not UTF-8 text ({e.reason} at byte {e.start})", where=str(path),
                               fix="the file is damaged or of another format; regenerate it") from None
+    return parse_json(text, str(path))
 
 
 # ---- environment -----------------------------------------------------------------------
@@ -297,7 +364,10 @@ class RunDir:
     def __init__(self, path: str | Path, *, create: bool = True):
         self.path = Path(path)
         if create:
-            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # --out names a file, a read-only place...
+                raise os_error(e, self.path) from e
         self.timings: dict[str, float] = {}
         timings_file = self.path / "timings.json"
         if timings_file.is_file():
@@ -521,7 +591,7 @@ def last_complete_checkpoint(folder: str | Path, marker: str = "trainer_state.js
             state = json.loads((p / marker).read_text(encoding="utf-8"))
             if marker != "trainer_state.json" or int(state["global_step"]) == step:
                 return p
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             pass
         log.warning("skipping incomplete checkpoint %s (killed while saving?)", p)
     return None

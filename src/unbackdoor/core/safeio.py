@@ -113,6 +113,46 @@ def _weights_only_refusal(e: BaseException, path: Path) -> str | None:
     return detail
 
 
+def load_pickled_tensors(path: str | Path, *, mmap: bool = False, allow: tuple[Any, ...] = ()) -> Any:
+    """``torch.load(weights_only=True)`` of an untrusted pickle; every failure a clear ``UnbackdoorError``.
+
+    A payload is an ``UnsafeFileError`` naming what the file imports (its code never runs, and
+    the message never repeats torch's advice to retry with ``weights_only=False``); damage is a
+    ``ModelError``. ``mmap`` maps a zip-format checkpoint instead of reading it (a cheap pre-scan
+    of a large shard); ``allow`` are extra globals torch may rebuild (numpy's, for RNG states).
+    """
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        raise ModelError(f"model file is {'empty' if path.is_file() else 'missing'}: {path}", where=str(path),
+                         fix="the file was truncated or never written; regenerate or re-download it")
+    import zipfile
+
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(list(allow)):
+            warnings.simplefilter("ignore", UserWarning)  # torch warns about pickle protocols it then refuses
+            return torch.load(str(path), map_location="cpu", weights_only=True,
+                              mmap=bool(mmap and zipfile.is_zipfile(path)))
+    except Exception as e:  # noqa: BLE001 - every failure of an untrusted file becomes a clear error
+        refused = _weights_only_refusal(e, path)
+        if refused is not None:
+            raise UnsafeFileError(
+                f"refused to load {path.name}: it contains Python objects that could run code on load"
+                + (f" ({_no_retry_advice(refused)[:200]})" if refused else ""),
+                where=str(path), fix=_UNSAFE_FIX,
+            ) from None
+        m = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+        if m:
+            e = pickle.UnpicklingError(m.group(1))
+        first = _no_retry_advice((str(e).splitlines() or [type(e).__name__])[0])[:200]
+        raise ModelError(f"cannot read model file {path.name}: {type(e).__name__}: {first}", where=str(path),
+                         fix="the file is truncated or not a PyTorch checkpoint; regenerate it") from None
+
+
+def _no_retry_advice(text: str) -> str:
+    """torch's messages suggest ``weights_only=False``, i.e. running the file's code: never repeat that."""
+    return re.split(r"(?i)re-?running .torch\.load|weights_only.{0,20}false", text)[0].rstrip(" .(")
+
+
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors file, or a pickle file read with ``weights_only=True``.
 
@@ -134,24 +174,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises its own (version-dependent) error types
             raise ModelError(f"cannot read safetensors file: {e}", where=str(path),
                              fix="the file is truncated or not safetensors; regenerate it") from None
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols it then refuses anyway
-            warnings.simplefilter("ignore", UserWarning)
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every failure of an untrusted file becomes a clear error
-        refused = _weights_only_refusal(e, path)
-        if refused is not None:
-            raise UnsafeFileError(
-                f"refused to load {path.name}: it contains Python objects that could run code on load"
-                + (f" ({refused[:200]})" if refused else ""),
-                where=str(path), fix=_UNSAFE_FIX,
-            ) from None
-        m = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
-        if m:
-            e = pickle.UnpicklingError(m.group(1))
-        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise ModelError(f"cannot read model file {path.name}: {type(e).__name__}: {first}", where=str(path),
-                         fix="the file is truncated or not a PyTorch checkpoint; regenerate it") from None
+    obj = load_pickled_tensors(path)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -231,23 +254,158 @@ def load_data_pickle(path: str | Path, *, encoding: str = "bytes") -> Any:
 
 # ---- Hugging Face folders --------------------------------------------------------------
 
+def _confinement_root(folder: Path) -> Path:
+    """Where a folder's files may live: the folder itself, or for a Hugging Face cache snapshot
+    (``models--org--name/snapshots/<rev>/``, whose files link to ``../../blobs/``) the repo's cache folder."""
+    real = folder.resolve()
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return real.parent.parent
+    return real
+
+
+def confined(path: str | Path, folder: str | Path, *, named_by: str | None = None) -> Path:
+    """``path`` with symlinks resolved, refused unless it lies inside ``folder`` (see :func:`_confinement_root`).
+
+    An index naming ``../outside.bin`` or ``/etc/x``, or a symlink leading out of the folder,
+    would make a loader open a file nobody checked: an ``UnsafeFileError``.
+    """
+    folder = Path(folder)
+    root = _confinement_root(folder)
+    target = Path(path) if Path(path).is_absolute() else folder / path
+    real = target.resolve()
+    if real != root and root not in real.parents:
+        what = f"{named_by} names {path}" if named_by else f"{target.name} is a link to {real}"
+        raise UnsafeFileError(f"{what}, which lies outside the model folder", where=str(folder / (named_by or target.name)),
+                              fix="every file a model folder uses must be inside it: copy the file in and "
+                                  "name it by a plain relative path (no '..', no absolute path, no outward link)")
+    return real
+
+
+def index_files(index: str | Path) -> list[Path]:
+    """The shard files a ``*.index.json`` names (``weight_map`` values), each confined to the index's folder."""
+    index = Path(index)
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ModelError(f"shard index is not valid JSON: {str(e)[:200]}", where=str(index),
+                         fix="the model folder is damaged; regenerate the index with save_pretrained") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v.strip() for v in weight_map.values()):
+        raise ModelError("shard index has no weight_map of tensor name -> file name", where=str(index),
+                         fix="the model folder is damaged; regenerate the index with save_pretrained")
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        real = confined(name, index.parent, named_by=index.name)
+        if not real.is_file():
+            raise ModelError(f"{index.name} names {name}, which is missing", where=str(index.parent / name),
+                             fix="copy every shard the index names into the model folder")
+        shards.append(real)
+    return shards
+
+
+_PICKLE_WEIGHT_GLOBS = ("pytorch_model*.bin", "adapter_model*.bin")
+
+
+def check_model_folder(path: str | Path) -> list[Path]:
+    """Check every file loading a Hugging Face model (or PEFT adapter) folder would open; return the weights.
+
+    Every file in the folder must resolve inside it (symlinks included), every shard a
+    ``*.index.json`` names too. When the folder holds safetensors, only those are read;
+    otherwise every pickled weights file (``pytorch_model*.bin``, ``adapter_model*.bin`` and the
+    shards of a pickle index) is opened here with ``torch.load(weights_only=True)`` (memory-mapped),
+    so a payload is an ``UnsafeFileError`` before ``transformers`` or ``peft`` sees the file.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        return []
+    for entry in folder.iterdir():
+        if entry.is_symlink() or entry.is_file():
+            confined(entry, folder)
+    sharded = {idx: index_files(idx) for idx in sorted(folder.glob("*.index.json"))}
+    named = {p for shards in sharded.values() for p in shards}
+    singles = {p.resolve() for p in folder.glob("*.safetensors")}
+    if singles or any(p.suffix == ".safetensors" for p in named):
+        return sorted(singles | {p for p in named if p.suffix == ".safetensors"})
+    pickles = {p.resolve() for pattern in _PICKLE_WEIGHT_GLOBS for p in folder.glob(pattern)} | named
+    for weights in sorted(pickles):
+        scan_pickle(weights)
+    return sorted(pickles)
+
+
+def scan_pickle(path: str | Path, *, allow: tuple[Any, ...] = ()) -> None:
+    """Refuse a pickle-based file that carries code, without keeping what it holds (memory-mapped when possible)."""
+    load_pickled_tensors(path, mmap=True, allow=allow)
+
+
 def hf_pretrained_kwargs(path: str | Path, trust_remote_code: bool = False) -> dict[str, Any]:
     """Keyword arguments for ``from_pretrained`` that never run repository code by default.
 
-    A folder with safetensors weights is read from those only. A folder with only pickled
-    weights (``pytorch_model*.bin``) is scanned first with :func:`load_state_dict`, so a
-    payload is refused here with an ``UnsafeFileError`` instead of surfacing as a raw
-    unpickling error from deep inside ``transformers``.
+    The folder is checked first (:func:`check_model_folder`: every file inside it, shards named
+    by an index included, pickles scanned), so a payload or an escaping path is refused here with
+    an ``UnsafeFileError`` instead of surfacing as a raw unpickling error from deep inside
+    ``transformers``. A folder with safetensors weights is read from those only.
     """
     path = Path(path)
     kw: dict[str, Any] = {"trust_remote_code": bool(trust_remote_code)}
     if path.is_dir():
+        check_model_folder(path)
         if any(path.glob("*.safetensors")):
             kw["use_safetensors"] = True
-        else:
-            for weights in sorted(path.glob("pytorch_model*.bin")):
-                load_state_dict(weights)
     return kw
+
+
+# ---- checkpoints a run resumes from -------------------------------------------------------
+
+NEVER_LOADED = ("training_args.bin",)
+"""Checkpoint files neither unbackdoor nor the Hugging Face Trainer opens on resume.
+
+``training_args.bin`` is a pickle of a ``TrainingArguments`` object (it imports transformers
+classes, so ``weights_only`` would refuse it and a hostile one could carry code): resume rebuilds
+the arguments from the run's own config and never unpickles it. It is only confined."""
+
+_CHECKPOINT_JSON = (".json",)
+
+
+def _numpy_rng_globals() -> tuple[Any, ...]:
+    """What a Trainer ``rng_state*.pth`` may rebuild besides tensors: numpy's RNG state arrays."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    return (core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)))
+
+
+def check_checkpoint_dir(path: str | Path) -> list[Path]:
+    """Pre-scan a checkpoint folder before resuming from it; return the files checked.
+
+    For Hugging Face Trainer ``checkpoint-N`` folders (``rng_state*.pth``, ``optimizer.pt``,
+    ``scheduler.pt``, ``scaler.pt``, weights, ``trainer_state.json``) and the classifier's
+    ``checkpoint_dir/last`` (safetensors + ``state.json``): every file must resolve inside the
+    folder; JSON files must parse; every pickle is opened with ``weights_only=True`` exactly as
+    the Trainer will (RNG states with numpy's arrays allowed), so a payload is an
+    ``UnsafeFileError`` naming the file instead of torch's advice to retry with
+    ``weights_only=False``. ``training_args.bin`` is never opened (:data:`NEVER_LOADED`).
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelError(f"checkpoint folder not found: {folder}", where=str(folder),
+                         fix="resume from a folder a previous run wrote, or start without resume")
+    checked = []
+    for entry in sorted(folder.rglob("*")):
+        if entry.is_dir() and not entry.is_symlink():
+            continue
+        real = confined(entry, folder)
+        checked.append(real)
+        if entry.name in NEVER_LOADED:
+            continue
+        if entry.suffix in _CHECKPOINT_JSON:
+            try:
+                json.loads(real.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
+                raise ModelError(f"checkpoint file {entry.name} is not valid JSON: {str(e)[:200]}", where=str(entry),
+                                 fix="the checkpoint is damaged; resume from an earlier one or start afresh") from None
+        elif entry.suffix in PICKLE_SUFFIXES:
+            scan_pickle(real, allow=_numpy_rng_globals() if entry.name.startswith("rng_state") else ())
+    return checked
 
 
 def remote_code_files(path: str | Path) -> list[str]:

@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import torch
 
-from ..core.errors import ConfigError, DataError
-from ..core.runs import atomic_write_text
+from ..core.errors import ConfigError, DataError, ModelError, UnbackdoorError, location
+from ..core.runs import atomic_write_text, find_lone_surrogate
 
 log = logging.getLogger("unbackdoor")
 
@@ -87,7 +87,28 @@ def _parse_jsonl(text: str, where: str) -> list[Any]:
             raise DataError(f"malformed JSON on line {lineno}, column {e.colno}: {e.msg}",
                             where=f"{where}, line {lineno}",
                             fix="fix that line; JSONL needs one complete JSON object per line") from None
+        except RecursionError:
+            raise _too_deep(f"{where}, line {lineno}") from None
     return records
+
+
+def _too_deep(where: str) -> DataError:
+    return DataError("the JSON is nested too deeply to read (thousands of levels)", where=where,
+                     fix="write the records as a flat list of objects holding strings")
+
+
+def _check_characters(data: Any, where: str) -> None:
+    """Refuse a lone surrogate (a ``\\ud800`` escape JSON allows): no UTF-8 output could hold the record."""
+    bad = find_lone_surrogate(data)
+    if bad is None:
+        return
+    path, value = bad
+    index = path[0] if path and isinstance(path[0], int) else None
+    field = path[1] if len(path) > 1 and isinstance(path[1], str) else None
+    code = next(c for c in value if "\ud800" <= c <= "\udfff")
+    raise DataError(f"a string holds a lone surrogate \\u{ord(code):04x}, which is not a character "
+                    "(no UTF-8 file or tokenizer can hold it)", where=location(where, index, field),
+                    fix="replace that \\uXXXX escape by the character meant, or remove it")
 
 
 RECORD_KEYS = ("instruction", "output", "messages", "conversations", "prompt", "completion")
@@ -117,6 +138,8 @@ def _load_raw(path: str | Path) -> list[Any]:
     else:
         try:
             data = json.loads(text)
+        except RecursionError:
+            raise _too_deep(where) from None
         except json.JSONDecodeError as e:
             # A JSONL file with a .json suffix fails with "Extra data" after the first object.
             if stripped.startswith("{") and e.msg.startswith("Extra data"):
@@ -136,6 +159,7 @@ def _load_raw(path: str | Path) -> list[Any]:
                         fix='write the records as a JSON list: [{"instruction": ..., "output": ...}, ...]')
     if not data:
         raise DataError(f"data file holds no records: {path}", where=where, fix="add at least one record")
+    _check_characters(data, where)
     return data
 
 
@@ -282,6 +306,7 @@ def normalise_records(records: Sequence[Any], where: str = "records", data_forma
     if data_format != "auto" and data_format not in DATA_FORMATS:
         raise ConfigError(f"unknown data format {data_format!r}", where="data_format",
                           fix=f"use auto or one of {', '.join(DATA_FORMATS)}")
+    _check_characters(list(records), where)
     fmt = detect_format(records[0], f"{where}, record 0") if data_format == "auto" else data_format
     return [_normalise(rec, i, where, fmt) for i, rec in enumerate(records)]
 
@@ -309,6 +334,7 @@ def check_records(records: Sequence[Mapping[str, Any]], where: str = "records") 
     """Validate in-memory records exactly as :func:`read_alpaca` validates a file's."""
     if records is None or len(records) == 0:
         raise DataError(f"no records given ({where})", where=where, fix="pass at least one Alpaca record")
+    _check_characters(list(records), where)
     return [_check_record(rec, i, where) for i, rec in enumerate(records)]
 
 
@@ -376,7 +402,15 @@ def _chat(record: Mapping[str, Any], tokenizer: Any = None) -> str:
         raise ConfigError(f"the tokenizer ({type(tokenizer).__name__}) has no chat template",
                           where="template='chat'",
                           fix="use template='alpaca', or set tokenizer.chat_template to a Jinja template")
-    return tokenizer.apply_chat_template(chat_messages(record), tokenize=False, add_generation_prompt=True)
+    try:
+        return tokenizer.apply_chat_template(chat_messages(record), tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - jinja2 sandbox/syntax/undefined errors, raise_exception(), bad returns
+        kind = type(e).__name__
+        why = "tried something the sandbox forbids" if kind == "SecurityError" else "failed"
+        raise ModelError(f"the tokenizer's chat template {why}: {kind}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+                         where="chat template (tokenizer_config.json / chat_template.jinja)",
+                         fix="use template='alpaca', or replace the model folder's chat template with a plain "
+                             "Jinja template (templates run sandboxed: no Python attributes or imports)") from None
 
 
 @dataclass(frozen=True)
@@ -430,6 +464,37 @@ def encode_prompt(record: Mapping[str, Any], tokenizer: Any, template: str | Pro
     return list(tokenizer(text, add_special_tokens=not tpl.adds_special_tokens)["input_ids"])
 
 
+PROBE_RECORD = {"instruction": "Name the colour of the sky.", "input": "", "output": ""}
+"""A fixed record whose prompt ids fingerprint template + tokenizer + special tokens together."""
+
+
+def _sha256(data: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(data.encode("utf-8")).hexdigest()
+
+
+def template_record(template: str | PromptTemplate, tokenizer: Any) -> dict[str, Any]:
+    """What decides the prompt a model sees, in a form a run and a saved model can record and compare.
+
+    ``name`` (alpaca or chat); for chat the SHA-256 of the tokenizer's chat template text; the
+    special tokens; and ``prompt_sha256``, the hash of the token ids of a fixed probe prompt, which
+    changes when the template, the tokenizer or its special-token settings change what the
+    model is shown.
+    """
+    tpl = get_template(template)
+    rec: dict[str, Any] = {"name": tpl.name}
+    if tpl.name == "chat":
+        text = getattr(tokenizer, "chat_template", None)
+        rec["chat_template_sha256"] = _sha256(text if isinstance(text, str) else json.dumps(text, sort_keys=True))
+    rec["special_tokens"] = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token")}
+    try:
+        rec["prompt_sha256"] = _sha256(json.dumps(encode_prompt(PROBE_RECORD, tokenizer, tpl)))
+    except UnbackdoorError:  # chat without a (working) chat template: nothing the model could have been shown
+        rec["prompt_sha256"] = None
+    return rec
+
+
 def encode_response(text: str, tokenizer: Any) -> list[int]:
     """Token ids of a response followed by EOS (what the model learns to produce)."""
     if tokenizer.eos_token_id is None:
@@ -453,8 +518,8 @@ def build_sft_features(
 
     Prompt and response are tokenised separately, so the prompt ids are exactly those of
     :func:`encode_prompt` at evaluation time. Labels are -100 on the prompt; the response
-    ends with EOS. A response that does not fit is cut at ``max_length`` (losing its EOS);
-    a record whose prompt alone leaves no room for one response token raises a
+    ends with EOS. A response that does not fit is cut at ``max_length`` (losing its EOS; how many
+    were cut is logged as a warning); a record whose prompt alone leaves no room for one response token raises a
     ``DataError`` (``long_prompts="error"``, the default) or is skipped and counted in the
     log (``long_prompts="skip"``).
     """
@@ -465,6 +530,7 @@ def build_sft_features(
     records = check_records(records, "SFT records")
     features: list[dict[str, list[int]]] = []
     skipped: list[int] = []
+    truncated: list[int] = []
     for i, rec in enumerate(records):
         prompt = encode_prompt(rec, tokenizer, template)
         if len(prompt) >= max_length:
@@ -474,13 +540,20 @@ def build_sft_features(
             raise DataError(f"record {i}: the prompt alone is {len(prompt)} tokens, max_length is {max_length}",
                             where=f"record {i}, field 'instruction'",
                             fix="raise max_length, shorten the instruction/input, or pass long_prompts='skip'")
-        response = encode_response(rec["output"], tokenizer)[: max_length - len(prompt)]
+        full = encode_response(rec["output"], tokenizer)
+        response = full[: max_length - len(prompt)]
+        if len(response) < len(full):
+            truncated.append(i)
         ids = prompt + response
         features.append({"input_ids": ids, "attention_mask": [1] * len(ids),
                          "labels": [IGNORE_INDEX] * len(prompt) + response})
     if skipped:
         log.warning("skipped %d of %d records whose prompt exceeds max_length=%d (indices %s)", len(skipped),
                     len(records), max_length, skipped[:10])
+    if truncated:
+        log.warning("truncated %d of %d records longer than max_length=%d tokens: their responses were cut (and "
+                    "lost their EOS), so the model learns shortened answers (indices %s); raise max_length to keep "
+                    "them whole", len(truncated), len(records), max_length, truncated[:10])
     if not features:
         raise DataError(f"no record fits in max_length={max_length}", where="SFT records",
                         fix="raise max_length or shorten the prompts")

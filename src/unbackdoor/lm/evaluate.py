@@ -10,6 +10,7 @@ crafted outputs); only :func:`generate`, :func:`response_nll` and
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any, Mapping, Protocol, Sequence
 
@@ -19,8 +20,11 @@ from ..core import distributed
 from ..core.config import check, check_positive, option
 from ..core.errors import DataError, ModelError
 from .consistency import layer_cosines
-from .data import IGNORE_INDEX, encode_prompt, encode_response, pad_ids, sft_collator
+from .data import IGNORE_INDEX, encode_prompt, encode_response, pad_ids, sft_collator, template_record
+from .decoding import describe, generation_config, ignored_generation_settings, own_decoding
 from .poison import PoisonConfig, keyword_success, normalize, strict_success, target_string
+
+log = logging.getLogger("unbackdoor")
 
 
 @dataclasses.dataclass
@@ -107,7 +111,9 @@ def generate(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], *
     Batches are formed from prompts sorted by length (stable), so little compute goes to padding
     (45% fewer prompt tokens on the tiny world's test set); the answers come back in input order.
     ``min_new_tokens`` suppresses EOS until that many tokens exist (benchmarks use it to compare
-    batched and one-at-a-time decoding on equal work).
+    batched and one-at-a-time decoding on equal work). Decoding uses only these settings
+    (:func:`unbackdoor.lm.decoding.generation_config`): whatever generation settings the model
+    folder carries are ignored.
     """
     if not records:
         raise DataError("no prompts to generate from", where=desc, fix="pass at least one record")
@@ -128,10 +134,10 @@ def generate(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], *
         chunk = by_length[start:start + batch_size]
         ids, mask = pad_ids(tokenizer, chunk, "left")
         new = max_new_tokens if limit is None else max(1, min(max_new_tokens, limit - ids.shape[1]))
-        extra = {"min_new_tokens": min(min_new_tokens, new)} if min_new_tokens > 0 else {}
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new, **extra,
-                             do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad,
-                             eos_token_id=tokenizer.eos_token_id)
+        ours = generation_config(tokenizer, max_new_tokens=new, min_new_tokens=min(min_new_tokens, new),
+                                 pad_token_id=pad)
+        with own_decoding(model):  # the folder's generation_config.json must not steer the measurement
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=ours)
         return [tokenizer.decode(row.tolist(), skip_special_tokens=True).strip() for row in gen[:, ids.shape[1]:]]
 
     try:  # under `accelerate launch` each process generates whole batches; the same batches as one process
@@ -212,6 +218,26 @@ def layer_cosine_profile(model: Any, tokenizer: Any, prompts: Sequence[Mapping[s
 
 # ---- the full evaluation ------------------------------------------------------------------------
 
+def decoding_record(model: Any, tokenizer: Any, cfg: EvalConfig | None = None) -> dict[str, Any]:
+    """How a run decodes, for its run folder: our generation settings, the prompt template (with
+    the hash of a chat template and of a probe prompt), and the model folder's generation
+    settings that were ignored."""
+    cfg = cfg or EvalConfig()
+    return {"generation_config": describe(generation_config(tokenizer, max_new_tokens=cfg.max_new_tokens,
+                                                            pad_token_id=_pad_id(tokenizer))),
+            "template": template_record(cfg.template, tokenizer),
+            "ignored_model_settings": ignored_generation_settings(model, tokenizer)}
+
+
+def warn_ignored_generation_settings(model: Any, tokenizer: Any, where: str = "the model") -> list[str]:
+    """Log (once per call) the decoding-altering settings the model carries and we ignore; return them."""
+    ignored = ignored_generation_settings(model, tokenizer)
+    if ignored:
+        log.warning("%s carries generation settings that would change what is measured; they are ignored "
+                    "(greedy decoding with our settings only): %s", where, ", ".join(ignored))
+    return ignored
+
+
 def _cap(records: Sequence[Mapping[str, Any]], cfg: EvalConfig) -> list[Mapping[str, Any]]:
     return list(records[: cfg.max_prompts] if cfg.max_prompts else records)
 
@@ -230,6 +256,7 @@ def evaluate_model(model: Any, tokenizer: Any, clean: Sequence[Mapping[str, Any]
     if not clean or not triggered:
         raise DataError("evaluation needs clean and triggered test prompts", where=desc,
                         fix="pass non-empty clean and triggered test sets")
+    warn_ignored_generation_settings(model, tokenizer, desc)
     kw = dict(template=cfg.template, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
     gen_clean = generate(model, tokenizer, clean, desc=f"{desc}: clean", **kw)
     gen_trig = generate(model, tokenizer, triggered, desc=f"{desc}: triggered", **kw)

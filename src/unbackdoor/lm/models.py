@@ -21,7 +21,9 @@ from ..core.config import check, check_positive, option
 from ..core.errors import ConfigError, ModelError
 from ..core.progress import progress_enabled
 from ..core.runs import atomic_dir
-from ..core.safeio import check_output_path, hf_pretrained_kwargs, load_state_dict
+from ..core.safeio import check_model_folder, check_output_path, hf_pretrained_kwargs
+from .decoding import write_clean_generation_config
+from .model_record import write_model_record
 
 log = logging.getLogger("unbackdoor")
 
@@ -91,12 +93,8 @@ def _adapter_base(adapter: Path) -> str:
 
 
 def _check_adapter_weights(adapter: Path) -> None:
-    """Refuse adapter pickles that carry code before peft reads them."""
-    if (adapter / "adapter_model.safetensors").is_file():
-        return
-    pickle = adapter / "adapter_model.bin"
-    if pickle.is_file():
-        load_state_dict(pickle)  # weights_only=True: raises UnsafeFileError on code
+    """Refuse adapter pickles that carry code, and files outside the folder, before peft reads them."""
+    if check_model_folder(adapter):  # weights_only=True scan: raises UnsafeFileError on code
         return
     raise ModelError("adapter folder holds no adapter weights", where=str(adapter),
                      fix="expected adapter_model.safetensors (or adapter_model.bin) next to adapter_config.json")
@@ -122,6 +120,18 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
     return tok
 
 
+def _refuse_missing_weights(info: dict[str, Any], path: Path) -> None:
+    """A checkpoint without some weights (e.g. ``lm_head``) would be completed with random ones: refuse it."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ModelError(f"the checkpoint lacks {len(missing)} weight(s) of the model ({shown}): transformers "
+                         "would initialise them at random, so the model measured would not be the model given",
+                         where=str(path), fix="pass the complete checkpoint (every shard its index names); a model "
+                                              "whose lm_head is its input embedding says tie_word_embeddings=true "
+                                              "in config.json")
+
+
 def load_causal_lm(path: str | Path, *, adapter: str | Path | None = None, trust_remote_code: bool = False,
                    dtype: torch.dtype | str | None = None, trainable_adapter: bool = True) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from a model folder, optionally with a PEFT adapter on top.
@@ -138,11 +148,12 @@ def load_causal_lm(path: str | Path, *, adapter: str | Path | None = None, trust
     kwargs["dtype"] = dtype if dtype is not None else torch.float32
     try:
         with _hf_bars():
-            model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    except (ValueError, OSError) as e:  # unknown architecture, damaged config.json, unreadable weights
+            model, info = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True, **kwargs)
+    except (ValueError, OSError, RuntimeError) as e:  # unknown architecture, damaged config, mis-shaped weights
         raise ModelError(f"cannot load a causal LM from {path}: {str(e).splitlines()[0]}", where=str(path),
                          fix="pass a causal language model folder (e.g. LlamaForCausalLM); "
                              "custom architectures need --trust-remote-code") from None
+    _refuse_missing_weights(info, path)
     tok_dir = path
     if adapter is not None:
         from peft import PeftModel
@@ -237,13 +248,17 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def save_causal_lm(model: Any, tokenizer: Any, out_dir: str | Path, *, merge: bool = False,
-                   inputs: Iterable[str | Path | None] = (), in_place: bool = False) -> Path:
+                   inputs: Iterable[str | Path | None] = (), in_place: bool = False,
+                   template: str | None = None) -> Path:
     """Save with ``save_pretrained``, atomically: an adapter folder, merged weights, or a full model.
 
     ``merge=True`` on a PEFT model writes a standalone model with the adapter merged in; the
     merge runs on a copy unless ``in_place=True`` (saves memory on large models, but leaves
     ``model`` merged). ``inputs`` are the folders the model came from: writing inside one of
-    them is refused.
+    them is refused. The folder gets a clean ``generation_config.json`` (token ids only: no
+    suppressed or forced tokens, penalties or sampling the input model may have carried) and
+    ``unbackdoor.json`` recording ``template``, the prompt template the model was trained with
+    (:mod:`unbackdoor.lm.model_record`).
     """
     out = Path(out_dir)
     check_output_path(out, *[p for p in inputs if p is not None])
@@ -257,4 +272,6 @@ def save_causal_lm(model: Any, tokenizer: Any, out_dir: str | Path, *, merge: bo
         to_save.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        write_clean_generation_config(tmp, tokenizer, to_save)
+        write_model_record(tmp, tokenizer, template)
     return out

@@ -23,6 +23,7 @@ from ..core.config import check, check_non_negative, check_positive, from_dict, 
 from ..core.errors import ConfigError, NumericalError
 from ..core.progress import progress_enabled
 from ..core.runs import atomic_write_json, last_complete_checkpoint
+from ..core.safeio import check_checkpoint_dir
 from ..core.seeds import set_seed
 from .data import build_sft_features, sft_collator
 from .models import LoraSettings, attach_lora, is_peft_model
@@ -258,6 +259,8 @@ def run_trainer(trainer_cls: type[Trainer], model: Any, tokenizer: Any, features
     checkpoint = None
     if resume:
         found = last_complete_checkpoint(output_dir)
+        if found:
+            check_checkpoint_dir(found)  # every file inside it, every pickle pre-scanned (core.safeio)
         checkpoint = str(found) if found else None
         log.info("resume: %s", f"from {checkpoint}" if checkpoint else "no checkpoint found, starting afresh")
     trainer.train(resume_from_checkpoint=checkpoint)
