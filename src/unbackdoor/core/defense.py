@@ -48,10 +48,6 @@ class Linked:
             return value
         return float(f"{value * self.scale:.12g}")  # 0.2 x 1e-3 is 2e-4, not 2.0000000000000004e-4
 
-    def describe(self) -> str:
-        """``crow.learning_rate`` or ``0.2 x crow.learning_rate`` (for help texts and docs)."""
-        return (f"{self.scale:g} x " if self.scale != 1.0 else "") + f"{self.defense}.{self.field}"
-
 
 def resolve_links(values: Mapping[str, Any], settings_of: SettingsOf | None, where: str = "preset") -> dict[str, Any]:
     """``values`` with every :class:`Linked` (at any depth) replaced by its value; a copy."""

@@ -58,6 +58,11 @@ class EvalConfig:
         check_choice(self, "target_references", ("strip", "keep"))
         check_fraction(self, "max_false_trigger_rate")
 
+    @property
+    def utility_metric(self) -> str:
+        """The name of the per-example utility (``metrics.json`` ``utility_metric``)."""
+        return "exact_match" if self.exact_match else "rouge_l"
+
     def rules(self) -> dict[str, Any]:
         """The measurement rules a run used (recorded in metrics.json as ``eval_rules``)."""
         return {"empty_answers": self.empty_answers, "target_references": self.target_references,

@@ -125,7 +125,7 @@ def defend_loaded(out: str | Path, model: Any, tok: Any, clean: Sequence[Mapping
         raise ConfigError(f"the defense trains with template '{template}' but the evaluation uses '{ecfg.template}'",
                           where="template / eval_cfg.template",
                           fix="use the same prompt template in training and evaluation (--template sets both)")
-    utility_metric = "exact_match" if ecfg.exact_match else "rouge_l"
+    utility_metric = ecfg.utility_metric
     trigger = list(poison.trigger_set())
     seed = int(getattr(cfg, "seed", 0))
     if spec.needs.base_model and base_model is None:
@@ -291,7 +291,7 @@ def evaluate(model: str | Path, test: str | Path, *, triggered: str | Path | Non
     metrics, gens, prof = evaluation_block(net, tok, test_recs, trig_recs, poison, ecfg, "evaluate")
     result = {"kind": "lm", "model": str(model), "attack": poison.attack, "task": poison.task,
               "trigger": list(poison.trigger_set()), "template": ecfg.template,
-              "utility_metric": "exact_match" if ecfg.exact_match else "rouge_l", "eval_rules": ecfg.rules(),
+              "utility_metric": ecfg.utility_metric, "eval_rules": ecfg.rules(),
               "metrics": metrics, "backdoor_check": backdoor_check(metrics, ecfg.max_false_trigger_rate),
               "layer_cosine": {k: prof[k] for k in ("clean", "triggered")}}
     if out is not None:
