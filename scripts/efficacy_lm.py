@@ -50,6 +50,18 @@ MAIN = ("finetune", "finetune-crow-lr", "crow")
 KEYS = ("asr", "strict_asr", "triggered_utility", "clean_utility", "false_trigger_rate", "target_loss")
 
 
+def variant_defenses(variant: str) -> tuple[str, ...]:
+    """CROW, and its equal-lr control when the variant changes CROW's learning rate, steps or what it trains.
+
+    The control (``finetune-crow-lr``) follows the variant's CROW settings (``Linked`` values); for a
+    variant that changes only alpha, epsilon or the layer range the main control already is its control.
+    """
+    from unbackdoor.lm.defenses.finetune import CROW_STEP_FIELDS
+
+    linked = {"learning_rate", *CROW_STEP_FIELDS}
+    return ("crow", "finetune-crow-lr") if linked & set(VARIANTS[variant][1]) else ("crow",)
+
+
 def _variant_config(base: Any, variant: str) -> Any:
     """``base`` with the CROW overrides of ``variant`` (the all-layers range resolved for the world's depth)."""
     over = dict(VARIANTS[variant][1])
@@ -108,15 +120,16 @@ def main(argv: list[str] | None = None) -> int:
             if a.write_asset and seed == a.seeds[0]:
                 write_asset(a.out / "_world" / f"seed{seed}" / "pretrained")
             for v in a.variants:
-                done = a.out / "variants" / v / f"{a.attack}-{a.task}" / "crow" / f"seed{seed}" / "metrics.json"
-                if a.skip_done and done.is_file():
-                    continue
-                run_tiny_world(a.out / "variants" / v, seed=seed, attack=a.attack, task=a.task,
-                               config=_variant_config(base_cfg, v), defenses=("crow",), cache_dir=a.out)
+                todo = [d for d in variant_defenses(v) if not (a.skip_done and (
+                    a.out / "variants" / v / f"{a.attack}-{a.task}" / d / f"seed{seed}" / "metrics.json").is_file())]
+                if todo:
+                    run_tiny_world(a.out / "variants" / v, seed=seed, attack=a.attack, task=a.task,
+                                   config=_variant_config(base_cfg, v), defenses=tuple(todo), cache_dir=a.out)
             results.setdefault("seconds_per_seed", {})[str(seed)] = round(time.perf_counter() - t0, 1)
             collect(results, a.out, a.seeds, a.variants, a.attack, a.task)
             _write_json(raw_path, results)  # after every seed: a killed run keeps what it finished
     results["collected"] = bool(a.collect)
+    results["rescored"] = bool(a.rescore)
     if a.rescore:
         rescore_triggered(a.out, a.seeds, a.variants, a.attack, a.task)
     collect(results, a.out, a.seeds, a.variants, a.attack, a.task)
@@ -138,7 +151,8 @@ def collect(results: dict[str, Any], out: Path, seeds: list[int], variants: list
     """Read every finished run folder of these seeds into ``results["runs"]`` (name -> seed -> metrics)."""
     runs: dict[str, dict[str, Any]] = {}
     sources = [(d, out / "main" / f"{attack}-{task}" / d) for d in MAIN]
-    sources += [(f"crow[{v}]", out / "variants" / v / f"{attack}-{task}" / "crow") for v in variants]
+    sources += [(f"{d}[{v}]", out / "variants" / v / f"{attack}-{task}" / d) for v in variants
+                for d in variant_defenses(v)]
     for name, folder in sources:
         for seed in seeds:
             f = folder / f"seed{seed}" / "metrics.json"
@@ -173,7 +187,8 @@ def rescore_triggered(out: Path, seeds: list[int], variants: list[str], attack: 
         world = load_tiny_world(out / "_world" / f"seed{seed}" / "data")
         poison = None
         folders = [out / "main" / f"{attack}-{task}" / d / f"seed{seed}" for d in MAIN]
-        folders += [out / "variants" / v / f"{attack}-{task}" / "crow" / f"seed{seed}" for v in variants]
+        folders += [out / "variants" / v / f"{attack}-{task}" / d / f"seed{seed}" for v in variants
+                    for d in variant_defenses(v)]
         folders = [f for f in folders if (f / "metrics.json").is_file()]
         if not folders:
             continue
@@ -336,11 +351,15 @@ def write_doc(path: Path, results: dict[str, Any], raw_path: Path) -> None:
         notes = "<!-- notes -->\n<!-- /notes -->"
     s = results["settings"]
     rel = raw_path.relative_to(ROOT) if raw_path.is_relative_to(ROOT) else raw_path
-    variants = "\n".join(f"- `crow[{k}]`: {v}" for k, v in results.get("variants", {}).items()) or "- none"
+    variants = "\n".join(f"- `crow[{k}]`: {v}" + (f"; with its equal-lr control `finetune-crow-lr[{k}]` (the same lr, "
+                                                 "steps and adapter, no consistency term)"
+                                                 if len(variant_defenses(k)) > 1 else "")
+                         for k, v in results.get("variants", {}).items()) or "- none"
     cmd = f"python scripts/efficacy_lm.py --seeds {' '.join(map(str, results['seeds']))}"
     cmd += f" --variants {' '.join(results['variants'])}" if results.get("variants") else ""
-    how = (f"Gathered by `{cmd} --collect --rescore` from the run folders of earlier invocations of the same "
-           "script with the same settings (some seeds ran in parallel processes, with --skip-done)"
+    how = (f"Gathered by `{cmd} --collect{' --rescore' if results.get('rescored') else ''}` from the run folders "
+           "of earlier invocations of the same script with the same settings (with --skip-done; some variants on "
+           "seed 0 only)"
            if results.get("collected") else f"Generated by `{cmd}`")
     body = f"""# LM tiny world: CROW efficacy
 

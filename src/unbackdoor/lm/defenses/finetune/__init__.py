@@ -25,8 +25,8 @@ OFFICIAL_LR_RATIO = 0.2
 """The paper's finetuning learning rate over CROW's: 2e-4 / 1e-3."""
 
 CROW_STEP_FIELDS = ("num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-                    "lr_scheduler_type", "warmup_steps")
-"""The settings that fix the number of optimizer steps and the schedule: taken from CROW's."""
+                    "lr_scheduler_type", "warmup_steps", "finetune", "lora", "continue_adapter")
+"""The settings that fix the optimizer steps, the schedule and what is trained (LoRA or full): taken from CROW's."""
 
 
 def run_finetune(model: Any, tokenizer: Any, clean: Sequence[dict], cfg: FinetuneConfig, ctx: Any) -> Any:
