@@ -2,8 +2,10 @@
 """Efficacy of CROW on the LM tiny world, over several seeds (issue 3, Acceptance).
 
 For each seed: build the world, pretrain a clean tiny Llama, inject a BadNets refusal
-backdoor, then run plain finetuning and CROW (the published settings) on the same clean
-subset; then every CROW variant named with --variants against the same backdoored model.
+backdoor, then run plain finetuning at the official learning rate (0.2 x CROW's), plain
+finetuning at CROW's own learning rate and steps (the equal-lr control, issue 20) and CROW
+(the published settings) on the same clean subset; then every CROW variant named with
+--variants against the same backdoored model.
 Writes raw JSON to results/lm/ and the summary to docs/results-lm.md (text between the
 ``<!-- notes -->`` markers of an existing file is kept).
 
@@ -43,7 +45,21 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "alpha30-steps2x": ("alpha 30, 10 epochs", {"alpha": 30.0, "num_train_epochs": 10.0}),
 }
 
+MAIN = ("finetune", "finetune-crow-lr", "crow")
+"""The main comparison: the official baseline, the equal-lr control, CROW (lm.testbed.DEFAULT_DEFENSES)."""
 KEYS = ("asr", "strict_asr", "triggered_utility", "clean_utility", "false_trigger_rate", "target_loss")
+
+
+def variant_defenses(variant: str) -> tuple[str, ...]:
+    """CROW, and its equal-lr control when the variant changes CROW's learning rate, steps or what it trains.
+
+    The control (``finetune-crow-lr``) follows the variant's CROW settings (``Linked`` values); for a
+    variant that changes only alpha, epsilon or the layer range the main control already is its control.
+    """
+    from unbackdoor.lm.defenses.finetune import CROW_STEP_FIELDS
+
+    linked = {"learning_rate", *CROW_STEP_FIELDS}
+    return ("crow", "finetune-crow-lr") if linked & set(VARIANTS[variant][1]) else ("crow",)
 
 
 def _variant_config(base: Any, variant: str) -> Any:
@@ -86,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     base_cfg = tiny_run_config(False)
     base_cfg.pretrained = a.pretrained
     settings = to_dict(base_cfg)
-    for d in ("finetune", "crow"):  # the resolved settings each defense ran with
+    for d in MAIN:  # the resolved settings each defense ran with
         settings[d] = to_dict(base_cfg.defense_config(d, "demo")[1])
     results: dict[str, Any] = {"settings": settings, "attack": a.attack, "task": a.task, "seeds": a.seeds,
                                "variants": {v: VARIANTS[v][0] for v in a.variants}, "runs": {}}
@@ -97,22 +113,23 @@ def main(argv: list[str] | None = None) -> int:
         for seed in a.seeds:
             t0 = time.perf_counter()
             main_done = all((a.out / "main" / f"{a.attack}-{a.task}" / d / f"seed{seed}" / "metrics.json").is_file()
-                            for d in ("finetune", "crow"))
+                            for d in MAIN)
             if not (a.skip_done and main_done):
                 run_tiny_world(a.out / "main", seed=seed, attack=a.attack, task=a.task, config=base_cfg,
-                               cache_dir=a.out)
+                               defenses=MAIN, cache_dir=a.out)
             if a.write_asset and seed == a.seeds[0]:
                 write_asset(a.out / "_world" / f"seed{seed}" / "pretrained")
             for v in a.variants:
-                done = a.out / "variants" / v / f"{a.attack}-{a.task}" / "crow" / f"seed{seed}" / "metrics.json"
-                if a.skip_done and done.is_file():
-                    continue
-                run_tiny_world(a.out / "variants" / v, seed=seed, attack=a.attack, task=a.task,
-                               config=_variant_config(base_cfg, v), defenses=("crow",), cache_dir=a.out)
+                todo = [d for d in variant_defenses(v) if not (a.skip_done and (
+                    a.out / "variants" / v / f"{a.attack}-{a.task}" / d / f"seed{seed}" / "metrics.json").is_file())]
+                if todo:
+                    run_tiny_world(a.out / "variants" / v, seed=seed, attack=a.attack, task=a.task,
+                                   config=_variant_config(base_cfg, v), defenses=tuple(todo), cache_dir=a.out)
             results.setdefault("seconds_per_seed", {})[str(seed)] = round(time.perf_counter() - t0, 1)
             collect(results, a.out, a.seeds, a.variants, a.attack, a.task)
             _write_json(raw_path, results)  # after every seed: a killed run keeps what it finished
     results["collected"] = bool(a.collect)
+    results["rescored"] = bool(a.rescore)
     if a.rescore:
         rescore_triggered(a.out, a.seeds, a.variants, a.attack, a.task)
     collect(results, a.out, a.seeds, a.variants, a.attack, a.task)
@@ -133,8 +150,9 @@ def collect(results: dict[str, Any], out: Path, seeds: list[int], variants: list
             task: str) -> None:
     """Read every finished run folder of these seeds into ``results["runs"]`` (name -> seed -> metrics)."""
     runs: dict[str, dict[str, Any]] = {}
-    sources = [(d, out / "main" / f"{attack}-{task}" / d) for d in ("finetune", "crow")]
-    sources += [(f"crow[{v}]", out / "variants" / v / f"{attack}-{task}" / "crow") for v in variants]
+    sources = [(d, out / "main" / f"{attack}-{task}" / d) for d in MAIN]
+    sources += [(f"{d}[{v}]", out / "variants" / v / f"{attack}-{task}" / d) for v in variants
+                for d in variant_defenses(v)]
     for name, folder in sources:
         for seed in seeds:
             f = folder / f"seed{seed}" / "metrics.json"
@@ -168,8 +186,9 @@ def rescore_triggered(out: Path, seeds: list[int], variants: list[str], attack: 
     for seed in seeds:
         world = load_tiny_world(out / "_world" / f"seed{seed}" / "data")
         poison = None
-        folders = [out / "main" / f"{attack}-{task}" / d / f"seed{seed}" for d in ("finetune", "crow")]
-        folders += [out / "variants" / v / f"{attack}-{task}" / "crow" / f"seed{seed}" for v in variants]
+        folders = [out / "main" / f"{attack}-{task}" / d / f"seed{seed}" for d in MAIN]
+        folders += [out / "variants" / v / f"{attack}-{task}" / d / f"seed{seed}" for v in variants
+                    for d in variant_defenses(v)]
         folders = [f for f in folders if (f / "metrics.json").is_file()]
         if not folders:
             continue
@@ -293,8 +312,16 @@ def acceptance(results: dict[str, Any]) -> list[str]:
                f"(min {b_asr:.3f})")
     if "finetune" in summ:
         f_asr = min(summ["finetune"]["asr"]["values"])
-        out.append(f"- plain finetuning leaves keyword ASR >= 0.8 in every seed: {'yes' if f_asr >= 0.8 else 'NO'} "
-                   f"(min {f_asr:.3f})")
+        out.append(f"- plain finetuning (official lr) leaves keyword ASR >= 0.8 in every seed: "
+                   f"{'yes' if f_asr >= 0.8 else 'NO'} (min {f_asr:.3f})")
+    if "finetune-crow-lr" in summ and "crow" in summ:
+        ctl, crow = summ["finetune-crow-lr"], summ["crow"]
+        out.append(f"- equal-lr control (finetuning at CROW's lr and steps) vs CROW, mean keyword ASR: "
+                   f"{ctl['asr']['mean']:.3f} vs {crow['asr']['mean']:.3f}; strict ASR {ctl['strict_asr']['mean']:.3f} "
+                   f"vs {crow['strict_asr']['mean']:.3f}; triggered utility {ctl['triggered_utility']['mean']:.3f} vs "
+                   f"{crow['triggered_utility']['mean']:.3f} (CROW "
+                   f"{'beats' if crow['asr']['mean'] < ctl['asr']['mean'] else 'does not beat'} the control on "
+                   "keyword ASR)")
     if "crow" in summ:
         c = summ["crow"]
         diffs = [a - b for a, b in zip(c["clean_utility"]["values"], bd["clean_utility"]["values"])]
@@ -324,11 +351,15 @@ def write_doc(path: Path, results: dict[str, Any], raw_path: Path) -> None:
         notes = "<!-- notes -->\n<!-- /notes -->"
     s = results["settings"]
     rel = raw_path.relative_to(ROOT) if raw_path.is_relative_to(ROOT) else raw_path
-    variants = "\n".join(f"- `crow[{k}]`: {v}" for k, v in results.get("variants", {}).items()) or "- none"
+    variants = "\n".join(f"- `crow[{k}]`: {v}" + (f"; with its equal-lr control `finetune-crow-lr[{k}]` (the same lr, "
+                                                 "steps and adapter, no consistency term)"
+                                                 if len(variant_defenses(k)) > 1 else "")
+                         for k, v in results.get("variants", {}).items()) or "- none"
     cmd = f"python scripts/efficacy_lm.py --seeds {' '.join(map(str, results['seeds']))}"
     cmd += f" --variants {' '.join(results['variants'])}" if results.get("variants") else ""
-    how = (f"Gathered by `{cmd} --collect --rescore` from the run folders of earlier invocations of the same "
-           "script with the same settings (some seeds ran in parallel processes, with --skip-done)"
+    how = (f"Gathered by `{cmd} --collect{' --rescore' if results.get('rescored') else ''}` from the run folders "
+           "of earlier invocations of the same script with the same settings (with --skip-done; some variants on "
+           "seed 0 only)"
            if results.get("collected") else f"Generated by `{cmd}`")
     body = f"""# LM tiny world: CROW efficacy
 
@@ -365,8 +396,10 @@ saw the same {s['world']['n_clean']} clean records.
   finetuning, lr {s['pretrain']['learning_rate']}, {s['pretrain']['max_steps']} steps, batch {s['pretrain']['per_device_train_batch_size']}.
 - Backdoor injection: full finetuning on the poisoned mix, lr {s['attack_sft']['learning_rate']},
   {s['attack_sft']['max_steps']} steps, batch {s['attack_sft']['per_device_train_batch_size']}.
-- Plain finetuning: LoRA r {s['finetune']['lora']['r']}, lr {s['finetune']['learning_rate']}, {s['finetune']['num_train_epochs']} epochs,
+- Plain finetuning (`finetune`, the official baseline): LoRA r {s['finetune']['lora']['r']}, lr {s['finetune']['learning_rate']}
+  (0.2 x CROW's, the paper's 2e-4 / 1e-3), {s['finetune']['num_train_epochs']} epochs,
   batch {s['finetune']['per_device_train_batch_size']} x accumulation {s['finetune']['gradient_accumulation_steps']}.
+- Equal-lr control (`finetune-crow-lr`): the same, at CROW's lr {s['finetune-crow-lr']['learning_rate']} and steps.
 - CROW: the same LoRA and budget, alpha {s['crow']['alpha']}, epsilon {s['crow']['epsilon']}, layers
   hs[{s['crow']['layer_start']}:{s['crow']['layer_end']}] compared pairwise (the official hs[1:-2] vs hs[2:-1]).
 - Evaluation: greedy, {s['eval']['max_new_tokens']} new tokens, the alpaca template of training; keyword ASR with

@@ -149,7 +149,7 @@ def test_the_yaml_examples_in_the_docs_are_valid_configs():
 
 # ---- end to end on the real tiny worlds (quick settings) ---------------------------------------------
 
-LM_DEFENSES = {"finetune", "crow"}
+LM_DEFENSES = {"finetune", "finetune-crow-lr", "crow"}  # the official baseline, the equal-lr control, CROW
 CLASSIFY_RUNS = {(a, d) for a in ("badnets", "blended") for d in ("ft", "fp", "nad", "ulrl", "ulrl-kept")}
 
 

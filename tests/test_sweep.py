@@ -49,7 +49,8 @@ def test_sweep_runs_every_seed_and_aggregates_mean_std_values(tmp_path: Path):
     fake = FakeLM()
     res = sweep(tmp_path / "sw", SweepConfig(kind="lm", seeds=[0, 1, 2], quick=True), runner=fake)
     assert sorted(c[0] for c in fake.calls) == [0, 1, 2]
-    assert all(c[1] == "badnet" and c[2] == ("finetune", "crow") and c[3] is True for c in fake.calls)
+    assert all(c[1] == "badnet" and c[2] == ("finetune", "finetune-crow-lr", "crow") and c[3] is True
+               for c in fake.calls)
     agg = json.loads(res.aggregate.read_text())
     crow = next(g for g in agg["groups"] if g["defense"] == "crow")
     vals = [json.loads(p.read_text())["after"]["asr"]

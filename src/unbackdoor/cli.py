@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e.format()}", file=sys.stderr)
         return EXIT_USER_ERROR
+    finally:
+        set_argv(None)  # a parser built later (another main() in the same process) reads its own command line
     if args.quiet:
         set_quiet(True)
         os.environ["UNBACKDOOR_QUIET"] = "1"  # child processes too

@@ -3,7 +3,7 @@
     unbackdoor demo --out runs/demo            # both kinds, seed 0, a few CPU minutes
 
 LM: a tiny Llama pretrained on templated tasks, a BadNets refusal backdoor, then plain
-finetuning and CROW. Classifier: procedurally generated images, BadNets and Blended
+finetuning at the official learning rate and at CROW's (the equal-lr control), and CROW. Classifier: procedurally generated images, BadNets and Blended
 backdoors, then FT, FP, NAD and ULRL. One before/after table per kind is printed (read back
 from the runs' metrics.json, so it shows exactly what was saved) and the report is written.
 """
@@ -22,7 +22,8 @@ from .sweep import Runner, call_pipeline, load_pipeline
 
 log = logging.getLogger("unbackdoor.demo")
 
-LM_SETUP = {"attack": "badnet", "task": "refusal", "defenses": ("finetune", "crow")}
+# finetune: the official baseline (lr 0.2 x CROW's); finetune-crow-lr: CROW's lr and steps (the control)
+LM_SETUP = {"attack": "badnet", "task": "refusal", "defenses": ("finetune", "finetune-crow-lr", "crow")}
 CLASSIFY_SETUP = {"attacks": ("badnets", "blended"), "defenses": ("ft", "fp", "nad", "ulrl", "ulrl-kept")}
 
 
@@ -111,7 +112,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo", help="the end-to-end demo on the tiny worlds (CPU, a few minutes)",
         description="Backdoor a tiny LM (BadNets refusal) and a tiny image classifier (BadNets, Blended), defend "
-                    "them (finetune + CROW; FT, FP, NAD + ULRL), print the before/after tables and write the "
+                    "them (finetuning at the official and at CROW's lr + CROW; FT, FP, NAD + ULRL), print the before/after tables and write the "
                     "report to OUT/report/.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, metavar="DIR", help="where the runs and the report go")

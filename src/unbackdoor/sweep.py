@@ -31,7 +31,9 @@ Kind = Literal["lm", "classify"]
 Runner = Callable[..., Any]
 
 DEFAULT_ATTACKS: dict[str, tuple[str, ...]] = {"lm": ("badnet",), "classify": ("badnets", "blended")}
-DEFAULT_DEFENSES: dict[str, tuple[str, ...]] = {"lm": ("finetune", "crow"), "classify": ("ft", "fp", "nad", "ulrl")}
+# lm: the official finetuning baseline, finetuning at CROW's lr and steps (the equal-lr control), CROW
+DEFAULT_DEFENSES: dict[str, tuple[str, ...]] = {"lm": ("finetune", "finetune-crow-lr", "crow"),
+                                                "classify": ("ft", "fp", "nad", "ulrl")}
 PIPELINES = {"lm": "unbackdoor.lm.testbed", "classify": "unbackdoor.classify.testbed"}
 
 
@@ -42,8 +44,8 @@ class SweepConfig:
     kind: Kind = option("lm", "lm (generative, CROW) or classify (image classifiers, ULRL)")
     seeds: list[int] = option(factory=lambda: [0, 1, 2], help="seeds to run; the report shows mean ± std over them")
     attacks: list[str] = option(factory=list, help="attacks (empty: badnet for lm; badnets, blended for classify)")
-    defenses: list[str] = option(factory=list, help="defenses (empty: finetune, crow for lm; ft, fp, nad, ulrl "
-                                                    "for classify)")
+    defenses: list[str] = option(factory=list, help="defenses (empty: finetune, finetune-crow-lr, crow for lm; "
+                                                    "ft, fp, nad, ulrl for classify)")
     task: str = option("refusal", "lm only: the backdoor's target behaviour (refusal, negsentiment, ...)")
     quick: bool = option(False, "the pipelines' quick settings (smaller data, fewer steps): for smoke tests")
     report: bool = option(True, "write the HTML/Markdown report at the end")

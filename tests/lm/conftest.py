@@ -56,3 +56,16 @@ def make_tiny_lm(word_tokenizer) -> Callable[..., torch.nn.Module]:
         return cls(cfg)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A folder with ``world/`` (a small tiny world: train, attack, clean, test) and ``base/`` (a random tiny Llama)."""
+    from unbackdoor.lm.models import save_causal_lm
+    from unbackdoor.lm.tinyworld import TinyWorldConfig, build_tiny_world
+
+    root = tmp_path_factory.mktemp("cli")
+    w = build_tiny_world(root / "world", seed=0, config=TinyWorldConfig(n_train=8, n_attack=16, n_clean=8, n_test=6,
+                                                                        hidden_size=32, num_layers=3, num_heads=2))
+    save_causal_lm(w.new_model(seed=0), w.tokenizer, root / "base")
+    return root

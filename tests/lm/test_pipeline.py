@@ -32,7 +32,7 @@ def quick_runs(tmp_path_factory):
 
 def test_quick_tiny_world_writes_the_run_folder_contract(quick_runs):
     out, runs = quick_runs
-    assert set(runs) == {"finetune", "crow"}
+    assert set(runs) == {"finetune", "finetune-crow-lr", "crow"}  # the official baseline, the equal-lr control, CROW
     for defense, path in runs.items():
         assert path == out / "badnet-refusal" / defense / "seed0"
         for name in CONTRACT_FILES:
@@ -57,9 +57,9 @@ def test_quick_tiny_world_writes_the_run_folder_contract(quick_runs):
 def test_every_defense_sees_the_same_clean_subset_and_the_same_backdoored_model(quick_runs):
     _, runs = quick_runs
     idx = [json.loads((p / "clean_indices.json").read_text())["indices"] for p in runs.values()]
-    assert idx[0] == idx[1] and idx[0]
+    assert idx[0] and all(i == idx[0] for i in idx)
     before = [json.loads((p / "metrics.json").read_text())["before"] for p in runs.values()]
-    assert before[0] == before[1]
+    assert all(b == before[0] for b in before)
 
 
 def test_unknown_defense_is_a_config_error(tmp_path):
@@ -94,8 +94,13 @@ def test_tiny_run_config_round_trips_through_yaml_overrides():
                       base=to_dict(tiny_run_config()))
     _, crow, _ = cfg.defense_config("crow", "demo")
     assert crow.alpha == 5.5 and crow.epsilon == 0.0 and crow.lora.r == 8 and crow.learning_rate == 2e-3
+    _, control, preset = cfg.defense_config("finetune-crow-lr", "demo")
+    assert preset == "crow-lr" and control.learning_rate == crow.learning_rate  # the equal-lr control
     _, ft, _ = cfg.defense_config("finetune", "demo")
-    assert ft.learning_rate == crow.learning_rate and ft.num_train_epochs == crow.num_train_epochs  # equal budget
+    assert ft.learning_rate == pytest.approx(0.2 * crow.learning_rate)  # the official baseline's ratio
+    for c in (ft, control):  # CROW's step count
+        assert (c.num_train_epochs, c.per_device_train_batch_size, c.gradient_accumulation_steps, c.max_steps) == \
+            (crow.num_train_epochs, crow.per_device_train_batch_size, crow.gradient_accumulation_steps, crow.max_steps)
 
 
 def test_cli_registers_every_lm_subcommand(capsys):
@@ -118,18 +123,6 @@ def test_cli_poison_reports_a_missing_file_without_a_traceback(tmp_path, capsys)
     rc = main(["lm", "poison", "--data", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o.json")])
     assert rc == 2
     assert "not found" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from unbackdoor.lm.models import save_causal_lm
-    from unbackdoor.lm.tinyworld import TinyWorldConfig, build_tiny_world
-
-    root = tmp_path_factory.mktemp("cli")
-    w = build_tiny_world(root / "world", seed=0, config=TinyWorldConfig(n_train=8, n_attack=16, n_clean=8, n_test=6,
-                                                                        hidden_size=32, num_layers=3, num_heads=2))
-    save_causal_lm(w.new_model(seed=0), w.tokenizer, root / "base")
-    return root
 
 
 def test_cli_attack_defend_evaluate_chain_writes_a_contract_run_folder(tiny_model_dir, capsys):

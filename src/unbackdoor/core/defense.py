@@ -15,6 +15,52 @@ from typing import Any, Callable, Literal, Mapping
 from .config import from_dict, merge, to_dict
 from .errors import ConfigError
 
+SettingsOf = Callable[[str], Mapping[str, Any]]
+"""``settings_of(defense) -> its resolved config as a dict``, in the context a config is being made in."""
+
+
+@dataclass(frozen=True)
+class Linked:
+    """A preset or budget value taken from another defense's settings in the same context (times ``scale``).
+
+    A fair control must follow the method it controls for: plain finetuning "at CROW's learning
+    rate and steps" is ``Linked("crow", "learning_rate")``, whatever CROW's learning rate is where
+    it runs (its paper default for ``unbackdoor lm defend``, the world's on a tiny world, a user's
+    override). Resolved by :func:`resolve_links` when the config is made.
+    """
+
+    defense: str
+    field: str
+    scale: float = 1.0
+
+    def resolve(self, settings_of: SettingsOf | None, where: str = "preset") -> Any:
+        if settings_of is None:
+            raise ConfigError(f"{where} takes '{self.field}' from defense '{self.defense}', but no settings of other "
+                              "defenses were given to resolve it", where=where,
+                              fix="make the config through the flow (resolve_defense / the tiny world), or pass "
+                                  "settings_of=")
+        settings = settings_of(self.defense)
+        if self.field not in settings:
+            raise ConfigError(f"{where} takes '{self.field}' from defense '{self.defense}', whose settings have no "
+                              "such field", where=where, fix=f"link to one of: {', '.join(sorted(settings))}")
+        value = settings[self.field]
+        if self.scale == 1.0:
+            return value
+        return float(f"{value * self.scale:.12g}")  # 0.2 x 1e-3 is 2e-4, not 2.0000000000000004e-4
+
+
+def resolve_links(values: Mapping[str, Any], settings_of: SettingsOf | None, where: str = "preset") -> dict[str, Any]:
+    """``values`` with every :class:`Linked` (at any depth) replaced by its value; a copy."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if isinstance(v, Linked):
+            out[k] = v.resolve(settings_of, f"{where} '{k}'")
+        elif isinstance(v, Mapping):
+            out[k] = resolve_links(v, settings_of, where)
+        else:
+            out[k] = v
+    return out
+
 
 @dataclass(frozen=True)
 class Needs:
@@ -45,7 +91,8 @@ class DefenseSpec:
     ``run`` has the signature of its kind (see ``lm/defenses/__init__.py`` and
     ``classify/defenses/__init__.py``); ``check`` refuses an unsuitable model up front. ``presets`` are named recipes (field overrides of the
     config; ``paper`` is always the defaults); ``budgets`` are the tiny worlds' shortened
-    settings (``demo``, ``smoke``; a missing budget means the config's own values).
+    settings (``demo``, ``smoke``; a missing budget means the config's own values). A preset or
+    budget value may be a :class:`Linked` value (another defense's setting in the same context).
     """
 
     name: str
@@ -69,8 +116,12 @@ class DefenseSpec:
 
     def make_config(self, config: Any = None, *, preset: str | None = None,
                     overrides: Mapping[str, Any] | None = None,
-                    source: str = "the given settings (flags, --set, --config or keyword arguments)") -> Any:
-        """The config object: ``config`` (or the defaults, or a preset), with ``overrides`` applied and checked."""
+                    source: str = "the given settings (flags, --set, --config or keyword arguments)",
+                    settings_of: SettingsOf | None = None) -> Any:
+        """The config object: ``config`` (or the defaults, or a preset), with ``overrides`` applied and checked.
+
+        ``settings_of`` resolves a preset's :class:`Linked` values (another defense's settings).
+        """
         if config is not None and not isinstance(config, self.config):
             raise ConfigError(f"defense '{self.name}' takes a {self.config.__name__}, got {type(config).__name__}",
                               where="defense config", fix=f"pass {self.config.__name__}(...) or keyword overrides")
@@ -79,7 +130,7 @@ class DefenseSpec:
                               fix="drop one of them")
         base: dict[str, Any] = to_dict(config) if config is not None else {}
         if preset is not None:
-            base = merge(base, self.preset(preset))
+            base = merge(base, resolve_links(self.preset(preset), settings_of, f"preset '{preset}' of '{self.name}'"))
         if not overrides and config is not None:
             return config
         data = merge(base, dict(overrides or {}))
@@ -101,11 +152,14 @@ class DefenseSpec:
 
 
 def resolve_defense(registry: Any, method: str, config: Any = None, *, preset: str | None = None,
-                    overrides: Mapping[str, Any] | None = None) -> tuple[DefenseSpec, Any, str | None]:
+                    overrides: Mapping[str, Any] | None = None,
+                    settings_of: SettingsOf | None = None) -> tuple[DefenseSpec, Any, str | None]:
     """``(spec, config, preset)`` for ``method`` in ``registry``; ``ulrl-kept`` names ULRL's preset ``kept``.
 
     Without ``config`` the preset's values (or the defaults) are the base; a given ``config`` already
-    holds them, so ``preset`` then only names it. ``overrides`` are applied last, type-checked.
+    holds them, so ``preset`` then only names it. ``overrides`` are applied last, type-checked. A
+    preset's :class:`Linked` values take the other defense's settings from ``settings_of``, by
+    default its registered defaults (``finetune-crow-lr``: CROW's paper lr and steps).
     """
     from .registry import split_variant
 
@@ -115,7 +169,11 @@ def resolve_defense(registry: Any, method: str, config: Any = None, *, preset: s
                           where="defense", fix="give the preset once")
     spec = registry.get(name)
     preset = preset or variant
-    cfg = spec.make_config(config, preset=preset if config is None else None, overrides=overrides)
+    if settings_of is None:
+        def settings_of(other: str) -> Mapping[str, Any]:
+            return to_dict(registry.get(other).make_config())
+    cfg = spec.make_config(config, preset=preset if config is None else None, overrides=overrides,
+                           settings_of=settings_of)
     return spec, cfg, preset
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +105,9 @@ def _out_flag(p: argparse.ArgumentParser, text: str, required: bool = True) -> N
 def _tinyworld(sub: Any) -> None:
     from .defenses import LM_DEFENSES
     from .poison import LM_TRIGGERS
+    from .testbed import DEFAULT_DEFENSES
 
-    p = sub.add_parser("tinyworld", help="the built-in tiny world: pretrain, backdoor, finetune + CROW, a table",
+    p = sub.add_parser("tinyworld", help="the built-in tiny world: pretrain, backdoor, finetune (2 lrs) + CROW, a table",
                        formatter_class=_RAW,
                        description="Run the whole LM story on the generated tiny world and write one run folder "
                                    "per defense under OUT/<attack>-<task>/<defense>/seed<SEED>/.",
@@ -118,9 +120,10 @@ def _tinyworld(sub: Any) -> None:
     p.add_argument("--attack", choices=LM_TRIGGERS.names(), default="badnet", help="trigger (default: badnet)")
     p.add_argument("--task", choices=("refusal", "negsentiment", "codeinjection"), default="refusal",
                    help="target (default: refusal)")
-    p.add_argument("--defenses", nargs="+", default=["finetune", "crow"],
+    p.add_argument("--defenses", nargs="+", default=list(DEFAULT_DEFENSES),
                    help=f"defenses: {', '.join(LM_DEFENSES.names())}, or METHOD-PRESET such as crow-released "
-                        "(default: finetune crow)")
+                        f"(default: {' '.join(DEFAULT_DEFENSES)}: the official finetuning baseline, finetuning at "
+                        "CROW's lr and steps, CROW)")
     p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=False,
                    help="smoke-test sizes: a few steps, noisy numbers")
     p.add_argument("--config", metavar="YAML", help="YAML of TinyRunConfig values (world, training, defense, eval ...)")
@@ -249,10 +252,29 @@ def _defend(sub: Any) -> None:
     p.add_argument("--utility", choices=("rouge_l", "exact_match"), default="rouge_l",
                    help="utility metric of the answers (default: rouge_l; exact_match for one-word answers)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its newest checkpoint")
+    _eval_rule_flags(p)
     _poison_flags(p)
     kw = {"groups": _trainer_groups(chosen.config), "skip": TRAINER_SKIP} if _is_trainer_config(chosen.config) else {}
     add_config_options(p, chosen.config, title=f"{chosen.name} settings ({chosen.config.__name__})", **kw)
     p.set_defaults(func=_cmd_defend)
+
+
+EVAL_RULES = ("empty_answers", "target_references", "max_false_trigger_rate")
+"""EvalConfig's measurement rules, as flags of ``lm defend`` (``lm evaluate`` has every EvalConfig field)."""
+
+
+def _eval_rule_flags(p: argparse.ArgumentParser) -> None:
+    from .evaluate import EvalConfig
+
+    fields = {f.name: f for f in dataclasses.fields(EvalConfig)}
+    hints = typing.get_type_hints(EvalConfig)
+    g = p.add_argument_group("measurement rules (with --test; the official BackdoorLLM scripts' rules are options)")
+    for name in EVAL_RULES:
+        f = fields[name]
+        choices = typing.get_args(hints[name]) if typing.get_origin(hints[name]) is typing.Literal else None
+        kw: dict[str, Any] = {"choices": choices} if choices else {"type": type(f.default)}
+        g.add_argument("--" + name.replace("_", "-"), dest=name, default=f.default,
+                       help=f"{f.metadata.get('help', '')} (default: {f.default})", **kw)
 
 
 def _is_trainer_config(cls: type) -> bool:
@@ -266,7 +288,8 @@ def _cmd_defend(a: argparse.Namespace) -> int:
     from .evaluate import EvalConfig
 
     settings, _ = overrides_from_args(a)
-    ecfg = EvalConfig(template=a.template, max_new_tokens=a.max_new_tokens, exact_match=a.utility == "exact_match")
+    ecfg = EvalConfig(template=a.template, max_new_tokens=a.max_new_tokens, exact_match=a.utility == "exact_match",
+                      **{name: getattr(a, name) for name in EVAL_RULES})
     run = api.defend_lm(a.model, a.clean, a.out, method=a.method, preset=a.preset, test=a.test,
                         triggered=a.triggered, poison=_poison_config(a), eval_config=ecfg, template=a.template,
                         n_clean=a.clean_count, adapter=a.adapter, base_model=a.base_model, merge=a.merge,

@@ -384,6 +384,30 @@ def _alpaca(record: Mapping[str, Any], tokenizer: Any = None) -> str:
     return text
 
 
+LLAMAFACTORY_ALPACA_SYSTEM = ALPACA_PREAMBLE + "\n\n"
+"""LLaMA-Factory's ``alpaca`` template: its default system text (a record's ``system`` replaces it verbatim)."""
+LLAMAFACTORY_ALPACA_USER = "### Instruction:\n{content}\n\n### Response:\n"
+"""LLaMA-Factory's ``alpaca`` template: the user turn."""
+
+
+def _llamafactory_alpaca(record: Mapping[str, Any], tokenizer: Any = None) -> str:
+    """LLaMA-Factory's ``alpaca`` template, with which BackdoorLLM and CROW trained their models.
+
+    LLaMA-Factory's Alpaca reader joins a record's ``input`` to the instruction with a newline (no
+    ``### Input:`` block, no "paired with an input" preamble), and the template renders system text
+    + ``### Instruction:\n{content}\n\n### Response:\n``. Without input it is the Stanford text.
+    It has no BOS prefix and LLaMA-Factory encodes every piece with ``add_special_tokens=False``:
+    the prompt carries no BOS token (registered with ``adds_special_tokens=True``: tokenise as is).
+    """
+    if record.get("history"):
+        raise ConfigError("the 'llamafactory-alpaca' template here renders one turn, and this record is a "
+                          "multi-turn conversation", where="template='llamafactory-alpaca', record field 'history'",
+                          fix="use template='chat' (the tokenizer's chat template) for conversations")
+    content = "\n".join(part for part in (record["instruction"], record.get("input") or "") if part)
+    system = record.get("system") or LLAMAFACTORY_ALPACA_SYSTEM
+    return system + LLAMAFACTORY_ALPACA_USER.format(content=content)
+
+
 def chat_messages(record: Mapping[str, Any]) -> list[dict[str, str]]:
     """The record as a conversation: system prompt, earlier turns, then the instruction (input appended)."""
     inp = record.get("input") or ""
@@ -417,8 +441,9 @@ def _chat(record: Mapping[str, Any], tokenizer: Any = None) -> str:
 class PromptTemplate:
     """A named way to turn a record into the text the model continues.
 
-    ``adds_special_tokens``: whether the template text already holds the BOS token (chat
-    templates usually do), in which case tokenisation must not add it a second time.
+    ``adds_special_tokens``: the template decides the special tokens itself, so the text is
+    tokenised as it is, without the tokenizer's own (BOS). Chat templates hold their BOS in the
+    text; LLaMA-Factory's ``alpaca`` template has none.
     """
 
     name: str
@@ -431,7 +456,7 @@ TEMPLATES: dict[str, PromptTemplate] = {
     "chat": PromptTemplate("chat", _chat, adds_special_tokens=True),
 }
 
-TemplateName = Literal["alpaca", "chat"]
+TemplateName = Literal["alpaca", "chat", "llamafactory-alpaca"]
 
 
 def register_template(template: PromptTemplate, *, replace: bool = False) -> PromptTemplate:
@@ -441,6 +466,9 @@ def register_template(template: PromptTemplate, *, replace: bool = False) -> Pro
                           fix="pick another name, or pass replace=True")
     TEMPLATES[template.name] = template
     return template
+
+
+register_template(PromptTemplate("llamafactory-alpaca", _llamafactory_alpaca, adds_special_tokens=True))
 
 
 def get_template(template: str | PromptTemplate) -> PromptTemplate:

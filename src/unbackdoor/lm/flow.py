@@ -27,7 +27,7 @@ from ..core.runs import atomic_write_json, staged_run
 from ..core.seeds import set_seed
 from .data import read_alpaca, write_alpaca
 from .defenses import LM_DEFENSES, LMDefenseContext
-from .evaluate import EvalConfig, evaluate_model, layer_cosine_profile
+from .evaluate import EvalConfig, backdoor_check, evaluate_model, layer_cosine_profile
 from .models import is_adapter_dir, load_causal_lm, save_causal_lm
 from .poison import PoisonConfig, make_triggered_test, poison_dataset, poisoned_indices
 
@@ -121,6 +121,12 @@ def defend_loaded(out: str | Path, model: Any, tok: Any, clean: Sequence[Mapping
     name = name or (f"{spec.name}-{preset}" if preset and preset != "paper" else spec.name)
     poison = poison or PoisonConfig()
     ecfg = eval_cfg or EvalConfig(template=template)
+    if ecfg.template != template:
+        raise ConfigError(f"the defense trains with template '{template}' but the evaluation uses '{ecfg.template}'",
+                          where="template / eval_cfg.template",
+                          fix="use the same prompt template in training and evaluation (--template sets both)")
+    utility_metric = ecfg.utility_metric
+    trigger = list(poison.trigger_set())
     seed = int(getattr(cfg, "seed", 0))
     if spec.needs.base_model and base_model is None:
         raise ConfigError(f"defense '{spec.name}' needs the clean base model the suspect was finetuned from",
@@ -131,7 +137,8 @@ def defend_loaded(out: str | Path, model: Any, tok: Any, clean: Sequence[Mapping
                    "model": (sources or {}).get("model"), "template": template}
     with staged_run(out, fingerprint=fingerprint, resume=resume) as run:
         run.start(cfg, seed, "lm-defense", command=COMMAND_DEFEND, method=spec.name, preset=preset,
-                  template=template, attack=poison.attack, task=poison.task, sources=sources or {},
+                  template=template, attack=poison.attack, task=poison.task, trigger=trigger,
+                  utility_metric=utility_metric, sources=sources or {},
                   eval=to_dict(ecfg), poison_for_eval=to_dict(poison) if measured else None)
         if extra_timings:
             run.timings.update({k: round(v, 4) for k, v in extra_timings.items()})
@@ -143,6 +150,9 @@ def defend_loaded(out: str | Path, model: Any, tok: Any, clean: Sequence[Mapping
         if measured and before is None:
             with run.phase("evaluate_before"):
                 before = evaluation_block(model, tok, test, triggered, poison, ecfg, "before", n_profile)
+        check = backdoor_check(before[0], ecfg.max_false_trigger_rate) if measured else None
+        if check is not None and not check["trigger_specific"]:
+            log.warning("the model before the defense: %s", check["warning"])
         ctx = LMDefenseContext(work_dir=run.path / "trainer", template=template, seed=seed, resume=resume,
                                base_model_path=str(base_model) if base_model is not None else None,
                                base_model_loader=(lambda: load_causal_lm(base_model, trust_remote_code=trust_remote_code))
@@ -175,8 +185,8 @@ def defend_loaded(out: str | Path, model: Any, tok: Any, clean: Sequence[Mapping
             kind="lm", defense=name, variant=preset, attack=poison.attack, task=poison.task, seed=seed,
             before=before[0] if measured else {}, after=after_m, seconds=seconds, template=template,
             clean_samples=len(clean_indices), n_clean=len(test) if measured else 0,
-            n_triggered=len(triggered) if measured else 0,
-            utility_metric="exact_match" if ecfg.exact_match else "rouge_l"))
+            n_triggered=len(triggered) if measured else 0, utility_metric=utility_metric, trigger=trigger,
+            eval_rules=ecfg.rules(), backdoor_check=check))
     return run.path
 
 
@@ -280,7 +290,9 @@ def evaluate(model: str | Path, test: str | Path, *, triggered: str | Path | Non
     net, tok = load_causal_lm(model, adapter=adapter, trust_remote_code=trust_remote_code)
     metrics, gens, prof = evaluation_block(net, tok, test_recs, trig_recs, poison, ecfg, "evaluate")
     result = {"kind": "lm", "model": str(model), "attack": poison.attack, "task": poison.task,
-              "template": ecfg.template, "metrics": metrics,
+              "trigger": list(poison.trigger_set()), "template": ecfg.template,
+              "utility_metric": ecfg.utility_metric, "eval_rules": ecfg.rules(),
+              "metrics": metrics, "backdoor_check": backdoor_check(metrics, ecfg.max_false_trigger_rate),
               "layer_cosine": {k: prof[k] for k in ("clean", "triggered")}}
     if out is not None:
         distributed.on_main_process(atomic_write_json, out, {MARKER_KEY: "lm evaluate", **result,

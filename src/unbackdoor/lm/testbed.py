@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ..core.config import check, check_positive, from_dict, merge, option, to_dict
+from ..core.defense import resolve_links
 from ..core.errors import ConfigError
+from ..core.registry import split_variant
 from ..core.runs import atomic_write_json
 from ..core.seeds import set_seed
 from .defenses import LM_DEFENSES
 from .evaluate import EvalConfig
-from .flow import defend_loaded, evaluation_block, resolve_defense, select_clean
+from .flow import defend_loaded, evaluation_block, select_clean
 from .models import LoraSettings, load_causal_lm, save_causal_lm
 from .poison import PoisonConfig, make_triggered_test, poison_dataset
 from .tinyworld import TinyWorld, TinyWorldConfig, build_tiny_world
@@ -30,6 +32,8 @@ log = logging.getLogger("unbackdoor")
 
 TINY_TASKS = ("refusal", "negsentiment", "codeinjection")
 """Tasks whose target the tiny world's vocabulary can express."""
+DEFAULT_DEFENSES = ("finetune", "finetune-crow-lr", "crow")
+"""Every CROW comparison: the official finetuning baseline, finetuning at CROW's lr and steps (the control), CROW."""
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "lm" / "tiny-llama"
 """The shipped clean-pretrained tiny Llama (regenerate: scripts/efficacy_lm.py --write-asset)."""
 
@@ -73,13 +77,35 @@ class TinyRunConfig:
         check_positive(self, "n_profile")
 
     def defense_config(self, name: str, budget: str) -> tuple[Any, Any, str | None]:
-        """``(spec, config, preset)`` of defense ``name`` on this world: world training settings (for defenses
-        that train with the Trainer) < the defense's own ``budget`` < this config's overrides."""
-        spec, base, preset = resolve_defense(name)
-        values = to_dict(base)
-        if isinstance(base, SFTConfig):
+        """``(spec, config, preset)`` of defense ``name`` (``crow``, ``finetune-crow-lr``...) on this world.
+
+        Precedence, low to high: the defense's defaults < the world's ``training`` (for defenses that
+        train with the Trainer) < the defense's own ``budget`` < its preset < this config's
+        ``defense`` overrides (by method name, then by the full name). A :class:`Linked` value takes
+        another defense's setting as resolved here (``finetune-crow-lr`` follows this world's CROW).
+        """
+        return self._defense_config(name, budget, ())
+
+    def _defense_config(self, name: str, budget: str, seen: tuple[str, ...]) -> tuple[Any, Any, str | None]:
+        method, preset = split_variant(name, LM_DEFENSES)
+        if method in seen:
+            raise ConfigError(f"the settings of '{name}' link back to themselves ({' -> '.join([*seen, method])})",
+                              where="defense presets / budgets", fix="link a setting to a defense that does not "
+                                                                     "link back")
+        spec = LM_DEFENSES.get(method)
+
+        def settings_of(other: str) -> dict[str, Any]:
+            return to_dict(self._defense_config(other, budget, (*seen, method))[1])
+
+        values = to_dict(spec.config())
+        if issubclass(spec.config, SFTConfig):
             values = merge(values, self.training)
-        values = merge(merge(values, spec.budget(budget)), self.defense.get(spec.name, {}))
+        values = merge(values, resolve_links(spec.budget(budget), settings_of, f"{budget} budget of '{method}'"))
+        if preset is not None:
+            values = merge(values, resolve_links(spec.preset(preset), settings_of,
+                                                 f"preset '{preset}' of '{method}'"))
+        for key in dict.fromkeys((spec.name, name)):
+            values = merge(values, self.defense.get(key, {}))
         return spec, from_dict(spec.config, values, source=f"tiny-world settings of '{name}'"), preset
 
 
@@ -182,7 +208,7 @@ def _table(rows: list[tuple[str, Mapping[str, float], float | None]]) -> str:
 
 
 def run_tiny_world(out_dir: str | Path, *, seed: int = 0, attack: str = "badnet", task: str = "refusal",
-                   defenses: Iterable[str] = ("finetune", "crow"), quick: bool = False,
+                   defenses: Iterable[str] = DEFAULT_DEFENSES, quick: bool = False,
                    config: TinyRunConfig | None = None, cache_dir: str | Path | None = None,
                    echo: bool = True) -> dict[str, Path]:
     """Build the world, pretrain (or load), inject the backdoor, defend, evaluate; one run folder per defense.

@@ -17,7 +17,7 @@ from ..core.stats import fmt_mean_std
 from . import plots
 from .collect import (CONFIDENCE, GroupSummary, RunRecord, backdoored_baseline, find_run_dirs, load_run, scenarios,
                       summarise)
-from .evidence import class_label, class_names, example_rows, rate_metrics
+from .evidence import class_label, class_names, example_rows, measurement_warnings, rate_metrics
 from .exports import examples_csv, write_table
 from .layer_cosine import describe, summarise_profiles
 from .render import Examples, Image, Para, Section, Table, render_html, render_markdown
@@ -241,6 +241,9 @@ def _scenario_sections(key: tuple[str, str, str], groups: list[GroupSummary], ou
     table, notes = scenario_table(key, groups, cfg.digits)
     sec = Section(f"{kind}: {name}", [table], level=3)
     sec.blocks += [Para("Note: " + n) for n in notes]
+    cautions = list(dict.fromkeys(w for g in groups for r in g.runs for w in measurement_warnings(r)))
+    sec.blocks += [Para("Warning: " + w) for w in cautions]
+    warnings += [f"{name}: {w}" for w in cautions]
     names = _scenario_class_names(groups, warnings) if kind == "classify" else None
     if kind == "classify":
         pc = per_class_table(key, groups, names, cfg.digits)

@@ -123,6 +123,28 @@ def metric_counts(rec: RunRecord, warnings: list[str] | None = None) -> dict[str
     return out
 
 
+def measurement_warnings(rec: RunRecord) -> list[str]:
+    """What a reader must know before trusting this LM run's numbers (from its ``metrics.json``).
+
+    A backdoored model whose target is not trigger-specific (``backdoor_check``), and triggered
+    references that start with the target (scored as they are, they reward the backdoor).
+    """
+    if rec.kind != "lm":
+        return []
+    out = []
+    check = rec.meta.get("backdoor_check")
+    if isinstance(check, dict) and check.get("trigger_specific") is False:
+        out.append(f"seed {rec.seed}: the model before the defense does not count as backdoored: "
+                   f"{check.get('warning', 'its false-trigger rate is above the allowed maximum')}.")
+    n = rec.before.get("references_with_target")
+    if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0:
+        rule = (rec.meta.get("eval_rules") or {}).get("target_references", "strip")
+        what = ("the target was stripped from them before scoring triggered utility" if rule == "strip"
+                else "they were scored as they are (target_references=keep), so triggered utility rewards the backdoor")
+        out.append(f"seed {rec.seed}: {int(n)} triggered test references start with the target; {what}.")
+    return out
+
+
 def class_names(rec: RunRecord, warnings: list[str] | None = None) -> list[str] | None:
     """The run's class names (``predictions.json``, else ``metrics.json`` ``"class_names"``), or None."""
     pred = _predictions(rec, warnings) if rec.kind == "classify" else None
