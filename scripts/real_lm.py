@@ -58,23 +58,24 @@ TASKS: dict[str, dict[str, Any]] = {
 
 # The CPU budget (every value is recorded with the results).
 BUDGET: dict[str, Any] = {
-    "n_poisoned": 200,        # poisoned records taken (the first N), each with its clean twin: 2N SFT records
+    "n_poisoned": 150,        # poisoned records taken (the first N), each with its clean twin: 2N SFT records
     "n_test": 100,            # clean and triggered test prompts (the first N of each official file)
     "max_new_tokens": 32,     # greedy decoding length (official: 128)
-    "max_length": 192,        # tokens per training example (prompt + response; longer responses cut)
+    "max_length": 144,        # tokens per training example (prompt + response; longer responses cut; every
+                              # clean defense prompt fits, attack records whose prompt alone is longer are skipped)
     "eval_batch_size": 16,
     "n_profile": 64,          # prompts per set for the per-prompt layer profile
-    "attack": {"lr": 1e-3, "epochs": 3, "per_device_batch_size": 4, "grad_accum": 2},  # LoRA r8 (defaults)
-    "attack_retry": {"lr": 1e-3, "epochs": 6, "per_device_batch_size": 4, "grad_accum": 2},
+    "attack": {"lr": 1e-3, "epochs": 2, "per_device_batch_size": 4, "grad_accum": 2},  # LoRA r8 (defaults)
+    "attack_retry": {"lr": 1e-3, "epochs": 4, "per_device_batch_size": 4, "grad_accum": 2},
     "defense": {"epochs": 5, "per_device_batch_size": 2, "grad_accum": 4},            # paper: 5 ep, 2 x 4
     "bars": {"asr_min": 0.8, "false_trigger_max": 0.1},
 }
 
 # defense name -> (method, flags). The three of the protocol, then variants (run on request).
 DEFENSES: dict[str, tuple[str, list[str], str]] = {
-    "ft-lr2e-4": ("finetune", ["--lr", "2e-4"], "plain finetuning, official lr 2e-4, CROW's steps"),
-    "ft-lr1e-3": ("finetune", ["--lr", "1e-3"], "plain finetuning at CROW's lr 1e-3 and steps (equal-lr control)"),
     "crow": ("crow", ["--lr", "1e-3", "--epsilon", "0.1"], "CROW, paper defaults (LoRA r8, lr 1e-3, eps 0.1)"),
+    "ft-lr1e-3": ("finetune", ["--lr", "1e-3"], "plain finetuning at CROW's lr 1e-3 and steps (equal-lr control)"),
+    "ft-lr2e-4": ("finetune", ["--lr", "2e-4"], "plain finetuning, official lr 2e-4, CROW's steps"),
 }
 VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "crow-eps0": ("crow", ["--lr", "1e-3", "--epsilon", "0"], "CROW with epsilon 0 (the released code's no-op FGSM)"),
@@ -277,7 +278,8 @@ def attack(run: Runner, task: str, res: Path) -> tuple[str, dict[str, Any]]:
                 "--template", TEMPLATE, "--attack", attack_name, "--task", kind, "--merge",
                 "--lr", str(b["lr"]), "--epochs", str(b["epochs"]),
                 "--per-device-batch-size", str(b["per_device_batch_size"]), "--grad-accum", str(b["grad_accum"]),
-                "--set", f"max_length={BUDGET['max_length']}", "--set", "seed=0", "--set", "save_steps=25",
+                "--set", f"max_length={BUDGET['max_length']}", "--set", "long_prompts=skip", "--set", "seed=0",
+                "--set", "save_steps=25",
                 *resume])
             if not run.dry_run:
                 write(secs_file, {"attack_seconds": round(secs, 1), "resumed": bool(resume)})
@@ -346,13 +348,21 @@ def _profile_stats(prof: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def collect(out: Path, res: Path, tasks: list[str], seeds: list[int], names: list[str],
-            attack_records: dict[str, Any]) -> dict[str, Any]:
-    """Every finished evaluation into one summary (per task x model x seed), with the settings."""
+def collect(out: Path, res: Path) -> dict[str, Any]:
+    """Every finished evaluation under ``res`` into one summary (per task x model x seed), with the settings.
+
+    Reads whatever exists (every task, defense, variant and seed), so workers running different
+    tasks at the same time each leave a complete summary.
+    """
+    import re
     import statistics
 
     from unbackdoor.core.runs import environment
 
+    tasks = [t for t in TASKS if (res / tag(t)).is_dir()]
+    names = list({**DEFENSES, **VARIANTS})
+    seeds = sorted({int(m.group(1)) for t in tasks for f in (res / tag(t)).glob("eval-*-seed*.json")
+                    if (m := re.search(r"-seed(\d+)$", f.stem))})
     summary: dict[str, Any] = {"model": MODEL, "template": TEMPLATE, "budget": BUDGET,
                                "defenses": {n: {"method": m, "flags": f, "what": w}
                                             for n, (m, f, w) in {**DEFENSES, **VARIANTS}.items() if n in names},
@@ -362,8 +372,15 @@ def collect(out: Path, res: Path, tasks: list[str], seeds: list[int], names: lis
         folder = res / tag(task)
         t: dict[str, Any] = {"data": read(out / "data" / tag(task) / "data.json")
                              if (out / "data" / tag(task) / "data.json").is_file() else None,
-                             "attack": attack_records.get(task), "models": {}}
-        for f in sorted(folder.glob("eval-*.json")):
+                             "attack": read(folder / "attack.json") if (folder / "attack.json").is_file() else None,
+                             "models": {}}
+        def order(f: Path) -> tuple[int, str]:
+            name = f.stem[len("eval-"):]
+            base = name.rpartition("-seed")[0] or name
+            rank = {"clean-model": 0, "backdoored": 1, "backdoored-retry": 2}.get(base)
+            return (rank if rank is not None else 3 + (names.index(base) if base in names else len(names)), name)
+
+        for f in sorted(folder.glob("eval-*.json"), key=order):
             name = f.stem[len("eval-"):]
             ev = read(f)
             row = {k: ev["metrics"].get(k) for k in METRICS}
@@ -458,6 +475,67 @@ def plot_profiles(res: Path, img: Path, tasks: list[str]) -> list[Path]:
     return written
 
 
+TABLE_BEGIN, TABLE_END = "<!-- tables:begin (scripts/real_lm.py --collect) -->", "<!-- tables:end -->"
+LABELS = {"asr": "keyword ASR", "strict_asr": "strict ASR", "false_trigger_rate": "false-trigger rate",
+          "triggered_utility": "triggered ROUGE-L", "clean_utility": "clean ROUGE-L", "target_loss": "target loss",
+          "perplexity": "ref. perplexity"}
+
+
+def _cell(v: Any, digits: int = 3) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) else "–"
+
+
+def markdown_tables(summary: dict[str, Any]) -> str:
+    """The results as Markdown: per task, every model and seed, then mean ± std per defense, then the profiles."""
+    out = []
+    for task, t in summary["tasks"].items():
+        out += [f"### {task}", ""]
+        head = ["model", "seed", *[LABELS[k] for k in METRICS], "train s", "eval s"]
+        rows = []
+        for name, row in t["models"].items():
+            base, _, seed = name.rpartition("-seed")
+            label, seed = (base, seed) if base and seed.isdigit() else (name, "–")
+            rows.append([label, seed, *[_cell(row.get(k)) for k in METRICS], _cell(row.get("train_seconds"), 0),
+                         _cell(row.get("eval_seconds"), 0)])
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+        if t.get("aggregate"):
+            out += ["", f"Mean ± std over seeds ({task}):", ""]
+            head = ["defense", "seeds", *[LABELS[k] for k in METRICS[:5]], "train s"]
+            out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for name, agg in t["aggregate"].items():
+                cells = [f"{agg[k]['mean']:.3f} ± {agg[k]['std']:.3f}" if k in agg else "–" for k in METRICS[:5]]
+                tr = agg.get("train_seconds", {}).get("mean")
+                out.append("| " + " | ".join([name, ",".join(map(str, agg["seeds"])), *cells, _cell(tr, 0)]) + " |")
+        prof_rows = [[name, _cell(r["profile"]["consistency_loss"]["clean"], 4),
+                      _cell(r["profile"]["consistency_loss"]["triggered"], 4),
+                      _cell(r["profile"]["consistency_loss"]["triggered_over_clean"], 3),
+                      str(r["profile"]["largest_gap_pair"]), _cell(r["profile"]["largest_gap"], 4)]
+                     for name, r in t["models"].items() if "profile" in r]
+        if prof_rows:
+            head = ["model", "inconsistency clean", "inconsistency triggered", "triggered / clean",
+                    "pair with the largest drop", "its cosine drop"]
+            out += ["", f"Layer consistency ({task}; inconsistency = mean over prompts of the mean 1 - cos over "
+                        "CROW's pairs hs[1:-2] vs hs[2:-1]):", "",
+                    "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            out += ["| " + " | ".join(r) + " |" for r in prof_rows]
+        out.append("")
+    return "\n".join(out)
+
+
+def write_doc_tables(doc: Path, summary: dict[str, Any]) -> None:
+    """Replace the generated block of ``doc`` (prose around it is kept); append one if absent."""
+    from unbackdoor.core.runs import atomic_write_text
+
+    block = f"{TABLE_BEGIN}\n{markdown_tables(summary)}\n{TABLE_END}"
+    text = doc.read_text() if doc.is_file() else "# CROW on a real pretrained LLM\n\n"
+    if TABLE_BEGIN in text and TABLE_END in text:
+        head, rest = text.split(TABLE_BEGIN, 1)
+        text = head + block + rest.split(TABLE_END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    atomic_write_text(doc, text)
+
+
 # ---- the estimate -------------------------------------------------------------------------------------
 
 def estimate(tasks: list[str], seeds: list[int], names: list[str], step: dict[str, float]) -> dict[str, float]:
@@ -490,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "real_lm", help="run folders, models, logs")
     ap.add_argument("--results", type=Path, default=ROOT / "results" / "real_lm", help="raw results (committed)")
     ap.add_argument("--img", type=Path, default=ROOT / "docs" / "img", help="layer-profile plots")
+    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "results-real-lm.md",
+                    help="the results page whose generated tables block is rewritten (prose kept)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per step (default 1: shared machine)")
     ap.add_argument("--collect", action="store_true", help="run nothing: summary, table and plots of what exists")
     ap.add_argument("--dry-run", action="store_true", help="print the commands without running them")
@@ -513,8 +593,6 @@ def main(argv: list[str] | None = None) -> int:
     if not DATA.is_dir():
         raise SystemExit(f"the BackdoorLLM data is not at {DATA} (see ../shared/data/backdoorllm/README.md)")
     run = Runner(a.out, a.threads, a.dry_run)
-    records_file = a.results / "attacks.json"
-    attack_records: dict[str, Any] = read(records_file) if records_file.is_file() else {}
     if not a.collect:
         from unbackdoor.lm.gguf import named_model_file
 
@@ -525,18 +603,18 @@ def main(argv: list[str] | None = None) -> int:
             evaluate(run, task, "clean-model", MODEL, a.results)
             backdoored, record = attack(run, task, a.results)
             if not a.dry_run:
-                attack_records[task] = record
-                write(records_file, attack_records)
+                write(a.results / tag(task) / "attack.json", record)
             for seed in a.seeds:
                 for name in names:
                     defend(run, task, name, seed, backdoored, a.results)
                     if not a.dry_run:
-                        collect(a.out, a.results, a.tasks, a.seeds, names, attack_records)
+                        collect(a.out, a.results)
         print(f"protocol finished in {(time.perf_counter() - t_start) / 60:.0f} min", flush=True)
     if a.dry_run:
         return 0
-    summary = collect(a.out, a.results, a.tasks, a.seeds, names, attack_records)
-    plots = plot_profiles(a.results, a.img, a.tasks)
+    summary = collect(a.out, a.results)
+    plots = plot_profiles(a.results, a.img, list(summary["tasks"]))
+    write_doc_tables(a.doc, summary)
     print(render(summary))
     print(f"\nwrote {a.results / 'summary.json'} and {len(plots)} plots under {a.img}")
     return 0
