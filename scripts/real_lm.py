@@ -229,13 +229,41 @@ def evaluate(run: Runner, task: str, name: str, model: str, res: Path) -> dict[s
         result["model"] = model if not Path(model).exists() else rel(model)
         write(out, result)
     prof = res / tag(task) / f"profile-{name}.json"
-    if not prof.is_file() and not run.dry_run:
-        write(prof, per_prompt_profile(model, data, run.threads))
+    have = read(prof) if prof.is_file() else None
+    if not run.dry_run and (have is None or "triggered_last" not in have):
+        write(prof, per_prompt_profile(model, data, run.threads, have))
     return read(out) if out.is_file() else {}
 
 
-def per_prompt_profile(model_dir: str, data: Path, threads: int) -> dict[str, Any]:
-    """Consecutive-layer cosine of each prompt (mean over its tokens): clean and triggered sets."""
+def last_token_cosines(model: Any, tok: Any, records: list[dict[str, Any]]) -> list[list[float]]:
+    """Per prompt, cos(hs[i], hs[i+1]) at its LAST token only (where the answer's first token is decided).
+
+    The token mean dilutes a trigger of one or two tokens among ~50; this is CROW's own per-token
+    term (:func:`unbackdoor.lm.crow.consistency_terms`) with a mask that keeps the last position.
+    """
+    import torch
+
+    from unbackdoor.lm.crow import consistency_terms
+    from unbackdoor.lm.data import encode_prompt
+
+    rows = []
+    model.eval()
+    with torch.no_grad():
+        for rec in records:
+            ids = torch.tensor([encode_prompt(rec, tok, TEMPLATE)])
+            hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+            last = torch.zeros_like(ids)
+            last[0, -1] = 1
+            rows.append((1 - consistency_terms(hs, last, 0, len(hs))[0]).tolist())
+    return rows
+
+
+def per_prompt_profile(model_dir: str, data: Path, threads: int, have: dict[str, Any] | None = None
+                       ) -> dict[str, Any]:
+    """Consecutive-layer cosine of each prompt, clean and triggered: mean over its tokens, and at its last token.
+
+    ``have``: an earlier profile of the same model; only what it lacks is computed.
+    """
     import torch
 
     from unbackdoor.lm.data import read_alpaca
@@ -245,14 +273,32 @@ def per_prompt_profile(model_dir: str, data: Path, threads: int) -> dict[str, An
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     model, tok = load_causal_lm(model_dir)
-    out: dict[str, Any] = {"template": TEMPLATE, "n_prompts": BUDGET["n_profile"],
-                           "note": "per prompt: mean over its real tokens of cos(hs[i], hs[i+1]), i = 0..L-1 "
-                                   "(hs[0] = embeddings, hs[L] = final-norm output)"}
+    out: dict[str, Any] = dict(have or {})
+    out.update({"template": TEMPLATE, "n_prompts": BUDGET["n_profile"],
+                "note": "per prompt: cos(hs[i], hs[i+1]), i = 0..L-1 (hs[0] = embeddings, hs[L] = final-norm "
+                        "output); '<set>': mean over the prompt's tokens, '<set>_last': at its last token"})
     for name in ("clean", "triggered"):
         recs = read_alpaca(data / f"test_{name}.json")[: BUDGET["n_profile"]]
-        out[name] = [layer_cosine_profile(model, tok, [r], template=TEMPLATE, batch_size=1) for r in recs]
-    out["seconds"] = round(time.perf_counter() - t0, 1)
+        if name not in out:
+            out[name] = [layer_cosine_profile(model, tok, [r], template=TEMPLATE, batch_size=1) for r in recs]
+        if f"{name}_last" not in out:
+            out[f"{name}_last"] = last_token_cosines(model, tok, recs)
+    out["seconds"] = round(out.get("seconds", 0) + time.perf_counter() - t0, 1)
     return out
+
+
+def reprofile(run: Runner, res: Path) -> None:
+    """Complete every profile file that lacks the last-token cosines (models are read from their eval records)."""
+    for task in TASKS:
+        for prof in sorted((res / tag(task)).glob("profile-*.json")):
+            have = read(prof)
+            if "triggered_last" in have:
+                continue
+            name = prof.stem[len("profile-"):]
+            model = read(res / tag(task) / f"eval-{name}.json")["model"]
+            model = model if model == MODEL else str(ROOT / model)
+            print(f"[{time.strftime('%H:%M:%S')}] reprofile {task} {name}", flush=True)
+            write(prof, per_prompt_profile(model, run.out / "data" / tag(task), run.threads, have))
 
 
 def backdoor_took(metrics: dict[str, float]) -> bool:
@@ -327,24 +373,35 @@ def defend(run: Runner, task: str, name: str, seed: int, backdoored: str, res: P
 # ---- collecting -----------------------------------------------------------------------------------------
 
 def _profile_stats(prof: dict[str, Any]) -> dict[str, Any]:
-    """Per layer pair: mean and interquartile band over prompts; the CROW-range inconsistency gap."""
+    """Per layer pair: mean and interquartile band over prompts; the gap clean vs triggered.
+
+    For the token mean (``where = "mean"``) and, when profiled, the last prompt token
+    (``"last"``): the inconsistency over CROW's pairs (hs[1:-2] vs hs[2:-1], i.e. pairs 1..L-2)
+    per prompt, its mean and quartiles per set, and the pair whose mean cosine drops most.
+    """
     import numpy as np
 
     out: dict[str, Any] = {}
-    per_prompt_loss = {}
-    for name in ("clean", "triggered"):
-        a = np.asarray(prof[name], dtype=float)  # prompts x pairs
-        out[name] = {"mean": a.mean(0).round(5).tolist(), "q25": np.quantile(a, 0.25, 0).round(5).tolist(),
-                     "q75": np.quantile(a, 0.75, 0).round(5).tolist()}
-        per_prompt_loss[name] = (1 - a[:, 1:-1]).mean(1)  # CROW's default pairs: hs[1:-2] vs hs[2:-1]
-    c, t = per_prompt_loss["clean"], per_prompt_loss["triggered"]
-    diff = np.asarray(prof["triggered"]).mean(0) - np.asarray(prof["clean"]).mean(0)
-    out["consistency_loss"] = {"clean": round(float(c.mean()), 5), "triggered": round(float(t.mean()), 5),
-                               "triggered_over_clean": round(float(t.mean() / c.mean()), 4),
-                               "clean_q25_q75": np.quantile(c, [0.25, 0.75]).round(5).tolist(),
-                               "triggered_q25_q75": np.quantile(t, [0.25, 0.75]).round(5).tolist()}
-    out["largest_gap_pair"] = int(np.argmin(diff))
-    out["largest_gap"] = round(float(diff.min()), 5)
+    for where, suffix in (("mean", ""), ("last", "_last")):
+        if f"triggered{suffix}" not in prof:
+            continue
+        arrays = {name: np.asarray(prof[f"{name}{suffix}"], dtype=float) for name in ("clean", "triggered")}
+        block: dict[str, Any] = {}
+        loss = {}
+        for name, a in arrays.items():  # prompts x pairs
+            block[name] = {"mean": a.mean(0).round(5).tolist(), "q25": np.quantile(a, 0.25, 0).round(5).tolist(),
+                           "q75": np.quantile(a, 0.75, 0).round(5).tolist()}
+            loss[name] = (1 - a[:, 1:-1]).mean(1)
+        c, t = loss["clean"], loss["triggered"]
+        diff = arrays["triggered"].mean(0) - arrays["clean"].mean(0)
+        block["consistency_loss"] = {"clean": round(float(c.mean()), 5), "triggered": round(float(t.mean()), 5),
+                                     "triggered_over_clean": round(float(t.mean() / c.mean()), 4),
+                                     "clean_q25_q75": np.quantile(c, [0.25, 0.75]).round(5).tolist(),
+                                     "triggered_q25_q75": np.quantile(t, [0.25, 0.75]).round(5).tolist()}
+        inner = diff[1:-1]
+        block["largest_gap_pair"] = int(np.argmin(inner)) + 1
+        block["largest_gap"] = round(float(inner.min()), 5)
+        out[where] = block
     return out
 
 
@@ -431,9 +488,10 @@ def render(summary: dict[str, Any]) -> str:
 def plot_profiles(res: Path, img: Path, tasks: list[str]) -> list[Path]:
     """One PNG per task x model: the consecutive-layer cosine, clean vs triggered, with the spread over prompts.
 
-    Top: mean and interquartile band over prompts for the pairs CROW compares (hs[1:-2] vs
-    hs[2:-1]; the embedding and final-norm pairs sit far lower and would flatten the scale).
-    Bottom: triggered minus clean mean, every pair.
+    Panels: the mean over each prompt's tokens, the prompt's last token (when profiled), each
+    with the mean and interquartile band over prompts for the pairs CROW compares (hs[1:-2] vs
+    hs[2:-1]; the embedding and final-norm pairs sit far lower and would flatten the scale);
+    then triggered minus clean mean for every pair.
     """
     import matplotlib
 
@@ -446,25 +504,36 @@ def plot_profiles(res: Path, img: Path, tasks: list[str]) -> list[Path]:
         for f in sorted((res / tag(task)).glob("profile-*.json")):
             name = f.stem[len("profile-"):]
             prof = read(f)
-            fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 5.2), dpi=110, sharex=True,
-                                              gridspec_kw={"height_ratios": [2, 1]})
-            means = {}
-            for key, color in (("clean", "tab:blue"), ("triggered", "tab:red")):
-                a = np.asarray(prof[key])
-                means[key] = a.mean(0)
-                x = np.arange(1, a.shape[1] - 1)
-                top.plot(x, a.mean(0)[1:-1], color=color, label=f"{key}: mean of {a.shape[0]} prompts")
-                top.fill_between(x, np.quantile(a, 0.25, 0)[1:-1], np.quantile(a, 0.75, 0)[1:-1], color=color,
-                                 alpha=0.2, label=f"{key}: interquartile band")
-            top.set_ylabel("cos(hs[i], hs[i+1])")
-            top.set_title(f"SmolLM2-135M-Instruct, {task}: {name}", fontsize=10)
-            top.legend(fontsize=7, loc="lower left")
-            top.grid(alpha=0.3)
-            diff = means["triggered"] - means["clean"]
-            bottom.bar(np.arange(len(diff)), diff, color=np.where(diff < 0, "tab:red", "tab:gray"))
+            kinds = [("", "mean over the prompt's tokens")]
+            if "triggered_last" in prof:
+                kinds.append(("_last", "at the prompt's last token"))
+            fig, axes = plt.subplots(len(kinds) + 1, 1, figsize=(6.4, 2.6 * len(kinds) + 2.2), dpi=110,
+                                     sharex=True, gridspec_kw={"height_ratios": [2] * len(kinds) + [1.3]})
+            diffs = {}
+            for ax, (suffix, what) in zip(axes, kinds):
+                means = {}
+                for key, color in (("clean", "tab:blue"), ("triggered", "tab:red")):
+                    a = np.asarray(prof[key + suffix])
+                    means[key] = a.mean(0)
+                    x = np.arange(1, a.shape[1] - 1)
+                    ax.plot(x, a.mean(0)[1:-1], color=color, label=f"{key}: mean of {a.shape[0]} prompts")
+                    ax.fill_between(x, np.quantile(a, 0.25, 0)[1:-1], np.quantile(a, 0.75, 0)[1:-1], color=color,
+                                    alpha=0.2, label=f"{key}: interquartile band")
+                diffs[what] = means["triggered"] - means["clean"]
+                ax.set_ylabel("cos(hs[i], hs[i+1])")
+                ax.set_title(what, fontsize=9)
+                ax.legend(fontsize=6.5, loc="lower left")
+                ax.grid(alpha=0.3)
+            axes[0].set_title(f"SmolLM2-135M-Instruct, {task}: {name}\n{kinds[0][1]}", fontsize=9)
+            bottom = axes[-1]
+            width = 0.8 / len(diffs)
+            for j, (what, d) in enumerate(diffs.items()):
+                bottom.bar(np.arange(len(d)) + (j - (len(diffs) - 1) / 2) * width, d, width=width,
+                           color=("tab:purple", "tab:orange")[j], label=what)
             bottom.axhline(0, color="black", lw=0.6)
             bottom.set_ylabel("triggered - clean")
             bottom.set_xlabel("layer pair i (0 = embeddings -> layer 1, last = layer 30 -> final norm)")
+            bottom.legend(fontsize=6.5)
             bottom.grid(alpha=0.3)
             fig.tight_layout()
             path = img / f"real-lm-profile-{tag(task)}-{name}.png"
@@ -506,16 +575,22 @@ def markdown_tables(summary: dict[str, Any]) -> str:
                 cells = [f"{agg[k]['mean']:.3f} ± {agg[k]['std']:.3f}" if k in agg else "–" for k in METRICS[:5]]
                 tr = agg.get("train_seconds", {}).get("mean")
                 out.append("| " + " | ".join([name, ",".join(map(str, agg["seeds"])), *cells, _cell(tr, 0)]) + " |")
-        prof_rows = [[name, _cell(r["profile"]["consistency_loss"]["clean"], 4),
-                      _cell(r["profile"]["consistency_loss"]["triggered"], 4),
-                      _cell(r["profile"]["consistency_loss"]["triggered_over_clean"], 3),
-                      str(r["profile"]["largest_gap_pair"]), _cell(r["profile"]["largest_gap"], 4)]
-                     for name, r in t["models"].items() if "profile" in r]
+        prof_rows = []
+        for name, r in t["models"].items():
+            for where in ("mean", "last"):
+                p = r.get("profile", {}).get(where)
+                if p:
+                    cl = p["consistency_loss"]
+                    prof_rows.append([name, "token mean" if where == "mean" else "last prompt token",
+                                      _cell(cl["clean"], 4), _cell(cl["triggered"], 4),
+                                      _cell(cl["triggered_over_clean"], 3), str(p["largest_gap_pair"]),
+                                      _cell(p["largest_gap"], 4)])
         if prof_rows:
-            head = ["model", "inconsistency clean", "inconsistency triggered", "triggered / clean",
+            head = ["model", "over", "inconsistency clean", "inconsistency triggered", "triggered / clean",
                     "pair with the largest drop", "its cosine drop"]
-            out += ["", f"Layer consistency ({task}; inconsistency = mean over prompts of the mean 1 - cos over "
-                        "CROW's pairs hs[1:-2] vs hs[2:-1]):", "",
+            out += ["", f"Layer consistency ({task}; inconsistency = mean over prompts of 1 - cos averaged over "
+                        "CROW's pairs hs[1:-2] vs hs[2:-1]; the drop: triggered minus clean mean cosine, pairs "
+                        "1..28):", "",
                     "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             out += ["| " + " | ".join(r) + " |" for r in prof_rows]
         out.append("")
@@ -573,6 +648,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per step (default 1: shared machine)")
     ap.add_argument("--collect", action="store_true", help="run nothing: summary, table and plots of what exists")
     ap.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    ap.add_argument("--reprofile", action="store_true",
+                    help="add what an existing per-prompt profile lacks (the last-token cosines) for every "
+                         "evaluated model, then collect")
     ap.add_argument("--estimate", action="store_true", help="print the expected minutes and exit")
     ap.add_argument("--step-seconds", nargs=3, type=float, default=(9.0, 21.0, 240.0),
                     metavar=("SFT", "CROW", "EVAL"),
@@ -593,7 +671,9 @@ def main(argv: list[str] | None = None) -> int:
     if not DATA.is_dir():
         raise SystemExit(f"the BackdoorLLM data is not at {DATA} (see ../shared/data/backdoorllm/README.md)")
     run = Runner(a.out, a.threads, a.dry_run)
-    if not a.collect:
+    if a.reprofile:
+        reprofile(run, a.results)
+    if not a.collect and not a.reprofile:
         from unbackdoor.lm.gguf import named_model_file
 
         named_model_file(MODEL)  # a clear error (and the install command) before hours of work
