@@ -23,6 +23,7 @@ Not part of the test suite.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "backdoorllm"
@@ -148,6 +149,55 @@ class Runner:
         return seconds
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - someone else's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def claim(out: Path, job: str) -> Iterator[bool]:
+    """Hold ``OUT/locks/<job>.lock`` (our pid) while doing ``job``; False when a live worker holds it.
+
+    Several workers (``python scripts/real_lm.py`` started more than once) then share the jobs:
+    each takes the first one nobody holds. A lock whose process died is taken over (the job
+    resumes from its checkpoint).
+    """
+    lock = out / "locks" / f"{job}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                yield False
+                return
+            lock.unlink(missing_ok=True)  # its worker died
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        break
+    else:  # pragma: no cover - lost three races in a row
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+class Busy(Exception):
+    """Another worker holds the job (or one it depends on): come back later."""
+
+
 # ---- data ---------------------------------------------------------------------------------------------
 
 def strip_target_prefix(reference: str) -> tuple[str, bool]:
@@ -215,6 +265,18 @@ def evaluate(run: Runner, task: str, name: str, model: str, res: Path) -> dict[s
     kind, attack = task.split("/")
     data = run.out / "data" / tag(task)
     out = res / tag(task) / f"eval-{name}.json"
+    prof = res / tag(task) / f"profile-{name}.json"
+    if out.is_file() and prof.is_file() and "triggered_last" in read(prof):
+        return read(out)
+    with claim(run.out, f"{tag(task)}-evaluate-{name}") as mine:
+        if not mine:
+            raise Busy(f"{task} evaluate {name}")
+        return _evaluate(run, task, name, model, res, data, out, prof)
+
+
+def _evaluate(run: Runner, task: str, name: str, model: str, res: Path, data: Path, out: Path,
+              prof: Path) -> dict[str, Any]:
+    kind, attack = task.split("/")
     if not out.is_file():
         scratch = run.out / tag(task) / "evals" / f"{name}.json"
         secs = run.cli(f"{tag(task)}-evaluate-{name}", [
@@ -228,7 +290,6 @@ def evaluate(run: Runner, task: str, name: str, model: str, res: Path) -> dict[s
         result["seconds"] = round(secs, 1)
         result["model"] = model if not Path(model).exists() else rel(model)
         write(out, result)
-    prof = res / tag(task) / f"profile-{name}.json"
     have = read(prof) if prof.is_file() else None
     if not run.dry_run and (have is None or "triggered_last" not in have):
         write(prof, per_prompt_profile(model, data, run.threads, have))
@@ -306,6 +367,20 @@ def backdoor_took(metrics: dict[str, float]) -> bool:
     return metrics["asr"] >= bars["asr_min"] and metrics["false_trigger_rate"] <= bars["false_trigger_max"]
 
 
+def _train_attack(run: Runner, task: str, i: int, b: dict[str, Any], folder: Path, data: Path, kind: str,
+                  attack_name: str, secs_file: Path) -> None:
+    resume = ["--resume"] if (folder / "trainer").is_dir() else []
+    secs = run.cli(f"{tag(task)}-attack{'' if i == 0 else '-retry'}", [
+        "attack", "--model", MODEL, "--data", str(data / "attack_train.json"), "--out", str(folder),
+        "--template", TEMPLATE, "--attack", attack_name, "--task", kind, "--merge",
+        "--lr", str(b["lr"]), "--epochs", str(b["epochs"]),
+        "--per-device-batch-size", str(b["per_device_batch_size"]), "--grad-accum", str(b["grad_accum"]),
+        "--set", f"max_length={BUDGET['max_length']}", "--set", "long_prompts=skip", "--set", "seed=0",
+        "--set", "save_steps=25", *resume])
+    if not run.dry_run:
+        write(secs_file, {"attack_seconds": round(secs, 1), "resumed": bool(resume)})
+
+
 def attack(run: Runner, task: str, res: Path) -> tuple[str, dict[str, Any]]:
     """The backdoored model of ``task`` (the first budget whose model meets the bars; else the last one)."""
     kind, attack_name = task.split("/")
@@ -318,17 +393,10 @@ def attack(run: Runner, task: str, res: Path) -> tuple[str, dict[str, Any]]:
         model = str(folder / "model")
         secs_file = folder / "seconds.json"
         if not (folder / "model" / "config.json").is_file():
-            resume = ["--resume"] if (folder / "trainer").is_dir() else []
-            secs = run.cli(f"{tag(task)}-attack{'' if i == 0 else '-retry'}", [
-                "attack", "--model", MODEL, "--data", str(data / "attack_train.json"), "--out", str(folder),
-                "--template", TEMPLATE, "--attack", attack_name, "--task", kind, "--merge",
-                "--lr", str(b["lr"]), "--epochs", str(b["epochs"]),
-                "--per-device-batch-size", str(b["per_device_batch_size"]), "--grad-accum", str(b["grad_accum"]),
-                "--set", f"max_length={BUDGET['max_length']}", "--set", "long_prompts=skip", "--set", "seed=0",
-                "--set", "save_steps=25",
-                *resume])
-            if not run.dry_run:
-                write(secs_file, {"attack_seconds": round(secs, 1), "resumed": bool(resume)})
+            with claim(run.out, f"{tag(task)}-attack-{i}") as mine:
+                if not mine:
+                    raise Busy(f"{task} attack round {i}")
+                _train_attack(run, task, i, b, folder, data, kind, attack_name, secs_file)
         name = "backdoored" if i == 0 else "backdoored-retry"
         ev = evaluate(run, task, name, model, res)
         if run.dry_run:
@@ -353,6 +421,17 @@ def defend(run: Runner, task: str, name: str, seed: int, backdoored: str, res: P
     spec = TASKS[task]
     kind, attack_name = task.split("/")
     folder = run.out / tag(task) / name / f"seed{seed}"
+    if (res / tag(task) / f"eval-{name}-seed{seed}.json").is_file() and (folder / "metrics.json").is_file():
+        evaluate(run, task, f"{name}-seed{seed}", str(folder / "model"), res)  # a no-op unless a profile is missing
+        return
+    with claim(run.out, f"{tag(task)}-{name}-seed{seed}") as mine:
+        if not mine:
+            raise Busy(f"{task} {name} seed {seed}")
+        _defend(run, task, name, seed, backdoored, res, folder, method, flags, spec, kind, attack_name)
+
+
+def _defend(run: Runner, task: str, name: str, seed: int, backdoored: str, res: Path, folder: Path, method: str,
+            flags: list[str], spec: dict[str, Any], kind: str, attack_name: str) -> None:
     if not (folder / "metrics.json").is_file():
         resume = ["--resume"] if (folder / "trainer").is_dir() else []
         extra = ["--alpha", str(alpha_for(task))] if method == "crow" and "--alpha" not in flags else []
@@ -634,6 +713,34 @@ def estimate(tasks: list[str], seeds: list[int], names: list[str], step: dict[st
 
 # ---- main -----------------------------------------------------------------------------------------------
 
+def run_pass(run: Runner, tasks: list[str], seeds: list[int], names: list[str], res: Path) -> list[str]:
+    """One pass over every job in priority order; returns the jobs other workers held."""
+    busy: list[str] = []
+
+    def attempt(fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Busy as e:
+            busy.append(str(e))
+            return None
+
+    for task in tasks:
+        prepare_data(task, run.out)
+        attempt(evaluate, run, task, "clean-model", MODEL, res)
+        got = attempt(attack, run, task, res)
+        if got is None:
+            continue  # its backdoored model is not ready: the defenses wait
+        backdoored, record = got
+        if not run.dry_run:
+            write(res / tag(task) / "attack.json", record)
+        for seed in seeds:
+            for name in names:
+                attempt(defend, run, task, name, seed, backdoored, res)
+                if not run.dry_run:
+                    collect(run.out, res)
+    return busy
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=["refusal/badnet", "refusal/vpi"], choices=sorted(TASKS))
@@ -678,17 +785,12 @@ def main(argv: list[str] | None = None) -> int:
 
         named_model_file(MODEL)  # a clear error (and the install command) before hours of work
         t_start = time.perf_counter()
-        for task in a.tasks:
-            prepare_data(task, a.out)
-            evaluate(run, task, "clean-model", MODEL, a.results)
-            backdoored, record = attack(run, task, a.results)
-            if not a.dry_run:
-                write(a.results / tag(task) / "attack.json", record)
-            for seed in a.seeds:
-                for name in names:
-                    defend(run, task, name, seed, backdoored, a.results)
-                    if not a.dry_run:
-                        collect(a.out, a.results)
+        while True:  # passes over every job; jobs other workers hold are left to them
+            busy = run_pass(run, a.tasks, a.seeds, names, a.results)
+            if not busy or a.dry_run:
+                break
+            print(f"[{time.strftime('%H:%M:%S')}] waiting for other workers: {', '.join(busy)}", flush=True)
+            time.sleep(120)
         print(f"protocol finished in {(time.perf_counter() - t_start) / 60:.0f} min", flush=True)
     if a.dry_run:
         return 0
