@@ -26,33 +26,35 @@ def _records(n: int, seed: int) -> list[dict[str, Any]]:
 
 
 def measure(model: Any, tok: Any, records: list[dict[str, Any]], *, max_new_tokens: int, batch_size: int,
-            single_prompts: int, equal_length: bool = False, repeats: int = 1) -> dict[str, Any]:
+            single_prompts: int, equal_length: bool = False, repeats: int = 1,
+            template: str = "alpaca") -> dict[str, Any]:
     """Answers per second batched (all records) and one at a time (the first ``single_prompts``).
 
-    Medians over ``repeats``, the two sides interleaved repeat by repeat.
+    Medians over ``repeats``, the two sides interleaved repeat by repeat; prompts in ``template``.
     """
     import statistics
 
     from unbackdoor.lm.evaluate import generate
 
     force = max_new_tokens if equal_length else 0
-    generate(model, tok, records[:2], batch_size=2, max_new_tokens=4)  # warm-up
+    generate(model, tok, records[:2], batch_size=2, max_new_tokens=4, template=template)  # warm-up
     sub = records[:single_prompts]
     tb, ts = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         batched = generate(model, tok, records, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                           min_new_tokens=force)
+                           min_new_tokens=force, template=template)
         tb.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        single = generate(model, tok, sub, batch_size=1, max_new_tokens=max_new_tokens, min_new_tokens=force)
+        single = generate(model, tok, sub, batch_size=1, max_new_tokens=max_new_tokens, min_new_tokens=force,
+                          template=template)
         ts.append(time.perf_counter() - t0)
     t_batched, t_single = statistics.median(tb), statistics.median(ts)
     tokens = [len(tok(a, add_special_tokens=False)["input_ids"]) for a in batched]
     same = sum(a == b for a, b in zip(batched[: len(single)], single))
     per_batched = len(records) / t_batched
     per_single = len(sub) / t_single
-    return {"prompts": len(records), "single_prompts": len(sub), "max_new_tokens": max_new_tokens,
+    return {"prompts": len(records), "single_prompts": len(sub), "max_new_tokens": max_new_tokens, "template": template,
             "equal_length": equal_length, "repeats": repeats,
             "batch_size": batch_size, "batched_s": round(t_batched, 3), "single_s": round(t_single, 3),
             "single_s_extrapolated_to_all": round(t_single * len(records) / len(sub), 3),

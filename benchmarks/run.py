@@ -3,7 +3,7 @@
 
     python benchmarks/run.py                  # default sizes (< 15 min on a 2-core CPU)
     python benchmarks/run.py --quick          # smaller, for development
-    python benchmarks/run.py --only crow,eval # a subset: crow eval classify pipeline demo profile gpu
+    python benchmarks/run.py --only crow,eval # a subset: crow eval classify pipeline demo profile gpu real_lm
     python benchmarks/run.py --smoke --out-json /tmp/r.json --out-md /tmp/B.md   # seconds; the CI smoke test
 
 Timings are medians of repeated runs after warm-up and every ratio is taken within the same
@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-SECTIONS = ("crow", "eval", "classify", "pipeline", "demo", "profile", "gpu")
+SECTIONS = ("crow", "eval", "classify", "pipeline", "demo", "profile", "gpu", "real_lm")
 SCHEMA_VERSION = 1
 
 
@@ -133,6 +133,10 @@ def run_section(name: str, size: str, threads: int) -> dict[str, Any]:
         import profile_steps
 
         return profile_steps.run(size)
+    if name == "real_lm":
+        import bench_real_lm
+
+        return bench_real_lm.run(size, threads)
     if name == "gpu":
         if not torch.cuda.is_available():
             return {"skipped": "no CUDA device on this machine: items 1-2 were not run on a GPU"}

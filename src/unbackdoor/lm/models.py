@@ -138,11 +138,15 @@ def load_causal_lm(path: str | Path, *, adapter: str | Path | None = None, trust
 
     ``path`` may itself be an adapter folder: its base model is then read from
     ``adapter_config.json``. The tokenizer comes from the adapter folder when it holds one,
-    else from the base. ``dtype`` defaults to float32 (training on CPU needs it).
+    else from the base. ``dtype`` defaults to float32 (training on CPU needs it). ``path`` may
+    also be a ``.gguf`` file, a folder holding one, or a named model such as
+    ``smollm2-135m-instruct`` (see :mod:`unbackdoor.lm.gguf`: converted once into a cached folder).
     """
-    path = Path(path).resolve()  # adapters saved later record this as their base: keep it absolute
+    from .gguf import resolve_model_source  # a named model or a GGUF file/folder: its converted folder
+
+    path = Path(resolve_model_source(path)).resolve()  # adapters record this as their base: keep it absolute
     if adapter is None and is_adapter_dir(path):
-        adapter, path = path, Path(_adapter_base(path))
+        adapter, path = path, Path(resolve_model_source(_adapter_base(path)))
     _check_model_dir(path, "base model" if adapter is not None else "model")
     kwargs = hf_pretrained_kwargs(path, trust_remote_code)
     kwargs["dtype"] = dtype if dtype is not None else torch.float32
