@@ -28,7 +28,8 @@ from ..core.seeds import set_seed
 from .data import read_alpaca, write_alpaca
 from .defenses import LM_DEFENSES, LMDefenseContext
 from .evaluate import EvalConfig, evaluate_model, layer_cosine_profile
-from .models import is_adapter_dir, load_causal_lm, save_causal_lm
+from .decoding import decoding_defense_inputs
+from .models import is_adapter_dir, is_decoding_defense_dir, load_causal_lm, save_causal_lm
 from .poison import PoisonConfig, make_triggered_test, poison_dataset, poisoned_indices
 
 log = logging.getLogger("unbackdoor")
@@ -88,6 +89,13 @@ def generation_records(clean: Sequence[Mapping[str, Any]], triggered: Sequence[M
     return out
 
 
+def require_base_model(spec: DefenseSpec, base_model: Any) -> None:
+    """Refuse a reference-model defense without ``--base-model`` (before any model is loaded)."""
+    if spec.needs.base_model and base_model is None:
+        raise ConfigError(f"defense '{spec.name}' needs the clean base model the suspect was finetuned from",
+                          where="--base-model", fix="pass --base-model FOLDER (the reference model)")
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -95,6 +103,8 @@ def _digest(obj: Any) -> str:
 def _input_paths(model: Any, adapter: Any = None) -> list[Any]:
     """The folders a model load reads: the model (or adapter) folder and the base it names."""
     paths = [model, adapter]
+    if model is not None and Path(str(model)).is_dir() and is_decoding_defense_dir(model):
+        paths += decoding_defense_inputs(model)
     for p in (model, adapter):
         if p is not None and Path(str(p)).is_dir() and is_adapter_dir(p):
             try:
@@ -133,9 +143,7 @@ def defend_loaded(out: str | Path, model: Any, tok: Any, clean: Sequence[Mapping
     poison = poison or PoisonConfig()
     ecfg = eval_cfg or EvalConfig(template=template)
     seed = int(getattr(cfg, "seed", 0))
-    if spec.needs.base_model and base_model is None:
-        raise ConfigError(f"defense '{spec.name}' needs the clean base model the suspect was finetuned from",
-                          where="--base-model", fix="pass --base-model FOLDER (the reference model)")
+    require_base_model(spec, base_model)
     out = check_outputs([out], [*inputs, base_model], command=COMMAND_DEFEND, overwrite=overwrite)[0]
     measured = test is not None and triggered is not None
     fingerprint = {"method": spec.name, "preset": preset, "config": to_dict(cfg), "clean": _digest(list(clean_indices)),
@@ -147,9 +155,10 @@ def defend_loaded(out: str | Path, model: Any, tok: Any, clean: Sequence[Mapping
         if extra_timings:
             run.timings.update({k: round(v, 4) for k, v in extra_timings.items()})
         run.write_indices(clean_indices)
-        write_threat_model(run, spec, clean_samples=len(clean_indices), clean_source=(sources or {}).get("clean"),
-                           base_model=str(base_model) if base_model is not None else None,
-                           template=template, test_seen_by_defense=False)
+        given = dict(clean_samples=len(clean_indices), clean_source=(sources or {}).get("clean"),
+                     base_model=str(base_model) if base_model is not None else None,
+                     template=template, test_seen_by_defense=False)
+        write_threat_model(run, spec, **given)
         spec.check_model(model, cfg)  # before minutes of evaluation
         if measured and before is None:
             with run.phase("evaluate_before"):
@@ -157,12 +166,15 @@ def defend_loaded(out: str | Path, model: Any, tok: Any, clean: Sequence[Mapping
         ctx = LMDefenseContext(work_dir=run.path / "trainer", template=template, seed=seed, resume=resume,
                                base_model_path=str(base_model) if base_model is not None else None,
                                base_model_loader=(lambda: load_causal_lm(base_model, trust_remote_code=trust_remote_code))
-                               if base_model is not None else None)
+                               if base_model is not None else None,
+                               model_path=(sources or {}).get("model"), adapter_path=(sources or {}).get("adapter"))
         set_seed(seed)
         t0 = time.perf_counter()
         with run.phase("train" if spec.needs.trains else "defend"):
             model = spec.run(model, tok, list(clean), cfg, ctx)
         seconds = time.perf_counter() - t0
+        if ctx.record:  # what the defense reported about itself (backend, chosen scale, behaviour examples)
+            write_threat_model(run, spec, **given, defense_info=ctx.record)
         after_m: dict[str, Any] = {}
         if measured:
             with run.phase("evaluate"):
@@ -187,7 +199,8 @@ def defend_loaded(out: str | Path, model: Any, tok: Any, clean: Sequence[Mapping
             before=before[0] if measured else {}, after=after_m, seconds=seconds, template=template,
             clean_samples=len(clean_indices), n_clean=len(test) if measured else 0,
             n_triggered=len(triggered) if measured else 0,
-            utility_metric="exact_match" if ecfg.exact_match else "rouge_l"))
+            utility_metric="exact_match" if ecfg.exact_match else "rouge_l",
+            **({"defense_info": ctx.record} if ctx.record else {})))
     return run.path
 
 
@@ -204,6 +217,7 @@ def defend(model: str | Path, clean: str | Path, out: str | Path, method: str = 
     ``before``/``after`` are empty. The defended model goes to ``out/model``.
     """
     spec, cfg, preset = resolve_defense(method, config, preset=preset, overrides=overrides)
+    require_base_model(spec, base_model)
     inputs = [*_input_paths(model, adapter), clean, test, triggered]
     out = check_outputs([out], [*inputs, base_model], command=COMMAND_DEFEND, overwrite=overwrite)[0]
     records = read_alpaca(clean)
@@ -300,4 +314,4 @@ def evaluate(model: str | Path, test: str | Path, *, triggered: str | Path | Non
 
 
 __all__ = ["COMMAND_DEFEND", "attack_model", "defend", "defend_loaded", "evaluate", "evaluation_block",
-           "generation_records", "poison_file", "resolve_defense", "select_clean"]
+           "generation_records", "poison_file", "require_base_model", "resolve_defense", "select_clean"]

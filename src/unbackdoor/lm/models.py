@@ -26,6 +26,7 @@ from ..core.safeio import check_output_path, hf_pretrained_kwargs, load_state_di
 log = logging.getLogger("unbackdoor")
 
 ADAPTER_CONFIG = "adapter_config.json"
+DECODING_DEFENSE_FILE = "decoding_defense.json"
 
 
 def tiny_llama_config(vocab_size: int, *, hidden_size: int = 128, num_layers: int = 6, num_heads: int = 4,
@@ -73,6 +74,11 @@ def _hf_bars() -> Iterator[None]:
 def is_adapter_dir(path: str | Path) -> bool:
     """A PEFT adapter folder (has ``adapter_config.json``)."""
     return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def is_decoding_defense_dir(path: str | Path) -> bool:
+    """A decoding-time defense folder (``decoding_defense.json``: the models it combines and its settings)."""
+    return (Path(path) / DECODING_DEFENSE_FILE).is_file()
 
 
 def _adapter_base(adapter: Path) -> str:
@@ -131,6 +137,10 @@ def load_causal_lm(path: str | Path, *, adapter: str | Path | None = None, trust
     else from the base. ``dtype`` defaults to float32 (training on CPU needs it).
     """
     path = Path(path).resolve()  # adapters saved later record this as their base: keep it absolute
+    if adapter is None and is_decoding_defense_dir(path):  # e.g. CleanGen: a folder naming its two models
+        from .decoding import load_decoding_defense
+
+        return load_decoding_defense(path, trust_remote_code=trust_remote_code, dtype=dtype)
     if adapter is None and is_adapter_dir(path):
         adapter, path = path, Path(_adapter_base(path))
     _check_model_dir(path, "base model" if adapter is not None else "model")
@@ -248,6 +258,12 @@ def save_causal_lm(model: Any, tokenizer: Any, out_dir: str | Path, *, merge: bo
     out = Path(out_dir)
     check_output_path(out, *[p for p in inputs if p is not None])
     to_save = model
+    if getattr(model, "is_decoding_defense", False):  # weights unchanged: a small folder naming both models
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+        return out
     if merge and is_peft_model(model):
         to_save = (model if in_place else copy.deepcopy(model)).merge_and_unload()
     if not isinstance(to_save, PreTrainedModel) and not is_peft_model(to_save):
