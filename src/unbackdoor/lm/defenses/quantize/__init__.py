@@ -113,5 +113,6 @@ SPEC = DefenseSpec(
     name="quantize", kind="lm", config=QuantizeConfig, run=run_quantize, needs=Needs(trains=False, clean_data=False),
     summary="weight quantization round trip: NF4 + double quantisation (default) or int8 (no training, no data)",
     paper="the CROW paper's quantization baseline (4-bit NF4, QLoRA: Dettmers et al., NeurIPS 2023)",
-    presets={"int8": {"method": "int8"}, "nf4-single": {"double_quant": False}},
+    presets={"int8": {"method": "int8"}, "nf4-single": {"double_quant": False},
+             "bnb": {"backend": "bitsandbytes"}, "int8-bnb": {"method": "int8", "backend": "bitsandbytes"}},
 )
