@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-SECTIONS = ("crow", "eval", "classify", "pipeline", "demo", "profile", "gpu")
+SECTIONS = ("crow", "eval", "classify", "pipeline", "demo", "profile", "gpu", "defenses")
 SCHEMA_VERSION = 1
 
 
@@ -133,6 +133,10 @@ def run_section(name: str, size: str, threads: int) -> dict[str, Any]:
         import profile_steps
 
         return profile_steps.run(size)
+    if name == "defenses":
+        import bench_defenses
+
+        return bench_defenses.run(size)
     if name == "gpu":
         if not torch.cuda.is_available():
             return {"skipped": "no CUDA device on this machine: items 1-2 were not run on a GPU"}

@@ -78,11 +78,16 @@ def needs_text(needs: dict[str, bool]) -> str:
 
 
 def collect(defenses: list[str]) -> str:
+    return collect_rows(RESULTS, defenses)
+
+
+def collect_rows(results: Path, defenses: list[str]) -> str:
+    """The Markdown table of every (defense, seed) JSON under ``results``: mean ± sd over seeds."""
     rows = []
     before: dict[str, list[float]] = {}
     seeds_seen: set[int] = set()
     for d in defenses:
-        files = sorted(RESULTS.glob(f"{d}-seed*.json"))
+        files = sorted(results.glob(f"{d}-seed*.json"))
         if not files:
             continue
         recs = [json.loads(f.read_text()) for f in files]

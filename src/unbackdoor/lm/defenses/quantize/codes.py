@@ -43,23 +43,25 @@ def dynamic_code(max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tenso
     return torch.tensor(sorted(data), dtype=torch.float32)
 
 
-def _blocks(flat: torch.Tensor, block: int) -> list[torch.Tensor]:
-    return list(torch.split(flat, block))
+def _padded_blocks(flat: torch.Tensor, block: int) -> torch.Tensor:
+    """``flat`` as ``[n_blocks, block]`` rows, the last block padded with zeros (zeros never raise an absmax)."""
+    pad = (-flat.numel()) % block
+    return torch.nn.functional.pad(flat, (0, pad)).reshape(-1, block)
 
 
 def blockwise_quantize(x: torch.Tensor, code: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(indices, absmax)``: each block of the flattened ``x`` scaled by its absmax, rounded to the nearest code."""
     flat = x.detach().reshape(-1).float()
-    parts = _blocks(flat, block)
-    absmax = torch.stack([p.abs().max() for p in parts])
-    scaled = torch.cat([torch.clamp(p / absmax[i].clamp(min=1e-38), -1, 1) for i, p in enumerate(parts)])
+    rows = _padded_blocks(flat, block)
+    absmax = rows.abs().amax(dim=1)
+    scaled = torch.clamp(rows / absmax.clamp(min=1e-38).unsqueeze(1), -1, 1).reshape(-1)[: flat.numel()]
     bounds = (code[:-1] + code[1:]) / 2
     return torch.bucketize(scaled, bounds), absmax
 
 
 def blockwise_dequantize(idx: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block: int) -> torch.Tensor:
     vals = code[idx]
-    return torch.cat([p * absmax[i] for i, p in enumerate(_blocks(vals, block))])
+    return (_padded_blocks(vals, block) * absmax.unsqueeze(1)).reshape(-1)[: vals.numel()]
 
 
 def nf4_roundtrip(w: torch.Tensor, block: int = 64, double_quant: bool = True, dq_block: int = 256) -> torch.Tensor:
