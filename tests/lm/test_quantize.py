@@ -104,21 +104,21 @@ def test_asking_for_bitsandbytes_without_it_is_a_clear_error(make_tiny_lm):
         run_quantize(make_tiny_lm(), None, [], QuantizeConfig(backend="bitsandbytes"), None)
 
 
-@pytest.mark.parametrize("method", ["nf4", "int8"])
-def test_quantize_replaces_decoder_linears_leaves_lm_head_and_records_the_backend(make_tiny_lm, method):
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_quantize_replaces_decoder_linears_leaves_lm_head_and_records_the_backend(make_tiny_lm, scheme):
     model = make_tiny_lm()
     head = model.lm_head.weight.detach().clone()
     q_proj = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     ctx = LMDefenseContext(work_dir=None)
-    out = run_quantize(model, None, [], QuantizeConfig(method=method, backend="reference"), ctx)
+    out = run_quantize(model, None, [], QuantizeConfig(scheme=scheme, backend="reference"), ctx)
     assert torch.equal(out.lm_head.weight, head)
-    fn = int8_roundtrip if method == "int8" else nf4_roundtrip
+    fn = int8_roundtrip if scheme == "int8" else nf4_roundtrip
     assert torch.equal(out.model.layers[0].self_attn.q_proj.weight, fn(q_proj))
-    assert ctx.record["backend"] == "reference" and ctx.record["method"] == method
-    assert 0 < ctx.record["relative_weight_error"] < (0.15 if method == "nf4" else 0.02)
+    assert ctx.record["backend"] == "reference" and ctx.record["scheme"] == scheme
+    assert 0 < ctx.record["relative_weight_error"] < (0.15 if scheme == "nf4" else 0.02)
 
 
 def test_quantize_spec_needs_nothing_and_offers_int8():
     spec = LM_DEFENSES.get("quantize")
     assert not spec.needs.trains and not spec.needs.clean_data and not spec.needs.base_model
-    assert spec.make_config(preset="int8").method == "int8"
+    assert spec.make_config(preset="int8").scheme == "int8"

@@ -35,11 +35,11 @@ __all__ = ["MergeConfig", "SPEC", "average", "dare_delta", "run_merge", "ties_tr
 class MergeConfig:
     """Merging with the base model (averaging; TIES density 0.2 and DARE drop rate 0.9 as in their papers)."""
 
-    method: Literal["average", "ties", "dare"] = option("average", "average, ties (trim the delta) or dare (drop and "
-                                                                   "rescale the delta)")
+    mode: Literal["average", "ties", "dare"] = option("average", "average, ties (trim the delta) or dare (drop and "
+                                                                 "rescale the delta)")
     weight: float = option(0.5, "average: weight of the base model, w in (1-w) W_suspect + w W_base (= the "
                                 "negation coefficient lambda in W_suspect - lambda*delta); 0.5 = the plain mean")
-    density: float = option(0.2, "ties: fraction of each tensor's delta entries kept, by magnitude (TIES: top 20%)")
+    density: float = option(0.2, "ties: fraction of each tensor's delta entries kept, by magnitude (TIES: the top fifth)")
     drop_rate: float = option(0.9, "dare: probability of dropping a delta entry (DARE: up to 0.9)")
     coefficient: float = option(1.0, "ties/dare: lambda in W_base + lambda * delta' (1 = keep the delta's scale)")
     seed: int = option(0, "dare's random drop mask")
@@ -85,19 +85,19 @@ def run_merge(model: Any, tokenizer: Any, clean: Sequence[dict], cfg: MergeConfi
     changed = total = 0
     for _, p, q in paired_parameters(model, base):
         w, b = p.detach().float(), q.detach().float().to(p.device)
-        if cfg.method == "average":
+        if cfg.mode == "average":
             new = average(w, b, cfg.weight)
         else:
             delta = w - b
-            delta = ties_trim(delta, cfg.density) if cfg.method == "ties" else dare_delta(delta, cfg.drop_rate, gen)
+            delta = ties_trim(delta, cfg.density) if cfg.mode == "ties" else dare_delta(delta, cfg.drop_rate, gen)
             new = b + cfg.coefficient * delta
         changed += int((new != w).sum())
         total += w.numel()
         p.copy_(new.to(p.dtype))
     del base
-    log.info("merge: %s changed %d of %d weights", cfg.method, changed, total)
+    log.info("merge: %s changed %d of %d weights", cfg.mode, changed, total)
     if ctx is not None and hasattr(ctx, "record"):
-        ctx.record.update({"method": cfg.method, "weights_changed": changed, "weights": total})
+        ctx.record.update({"mode": cfg.mode, "weights_changed": changed, "weights": total})
     return model.eval()
 
 
@@ -107,5 +107,5 @@ SPEC = DefenseSpec(
     summary="merge the suspect with its clean base model: weight averaging (= task-arithmetic negation), TIES, DARE",
     paper="Here's a Free Lunch: Sanitizing Backdoored Models with Model Merge (Arora et al., ACL Findings 2024); "
           "TIES-Merging (NeurIPS 2023); DARE (ICML 2024)",
-    presets={"ties": {"method": "ties"}, "dare": {"method": "dare"}},
+    presets={"ties": {"mode": "ties"}, "dare": {"mode": "dare"}},
 )

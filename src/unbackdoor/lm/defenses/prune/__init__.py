@@ -38,7 +38,7 @@ class PruneConfig:
     scope: Literal["matrix", "row"] = option("matrix", "rank weights within each weight matrix, or within each "
                                                        "output row (Wanda's comparison group)")
     structure: str = option("unstructured", "'unstructured', or 'N:M' semi-structured: zero the N lowest of every M "
-                                            "consecutive weights of a row (2:4 = 50%; sparsity/scope then unused)")
+                                            "consecutive weights of a row (2:4 = half; sparsity/scope then unused)")
     skip: str = option("lm_head,embed", "comma-separated name fragments of linear layers never pruned")
     seed: int = option(0, "recorded only: pruning is deterministic")
 

@@ -35,7 +35,7 @@ __all__ = ["NF4_CODE", "QuantizeConfig", "SPEC", "dynamic_code", "int8_roundtrip
 class QuantizeConfig:
     """Quantization (CROW paper: 4-bit NF4 with double quantisation; int8 as the second setting)."""
 
-    method: Literal["nf4", "int8"] = option("nf4", "nf4 = 4-bit NormalFloat, blockwise (QLoRA / bitsandbytes); "
+    scheme: Literal["nf4", "int8"] = option("nf4", "nf4 = 4-bit NormalFloat, blockwise (QLoRA / bitsandbytes); "
                                                    "int8 = row-wise absmax 8-bit")
     block_size: int = option(64, "NF4 block size (bitsandbytes default 64)")
     double_quant: bool = option(True, "also quantise the NF4 block scales to 8 bits (QLoRA double quantisation)")
@@ -66,7 +66,7 @@ def resolve_backend(requested: str) -> str:
 
 
 def _roundtrip(cfg: QuantizeConfig, backend: str) -> Any:
-    if cfg.method == "int8":
+    if cfg.scheme == "int8":
         return bitsandbytes_int8_roundtrip if backend == "bitsandbytes" else int8_roundtrip
     if backend == "bitsandbytes":
         if cfg.double_quant_block_size != 256:
@@ -95,14 +95,14 @@ def run_quantize(model: Any, tokenizer: Any, clean: Sequence[dict], cfg: Quantiz
         num += float((w.float() ** 2).sum())
         n += w.numel()
         w.copy_(q)
-    info: dict[str, Any] = {"method": cfg.method, "backend": backend, "layers": len(layers), "weights": n,
+    info: dict[str, Any] = {"scheme": cfg.scheme, "backend": backend, "layers": len(layers), "weights": n,
                             "relative_weight_error": round((err / max(num, 1e-30)) ** 0.5, 6),
                             "device": str(layers[0][1].weight.device)}
     if backend == "bitsandbytes":
         import bitsandbytes
 
         info["bitsandbytes_version"] = getattr(bitsandbytes, "__version__", "unknown")
-    log.info("quantize: %s via %s on %d linear layers (relative weight error %.4f)", cfg.method, backend, len(layers),
+    log.info("quantize: %s via %s on %d linear layers (relative weight error %.4f)", cfg.scheme, backend, len(layers),
              info["relative_weight_error"])
     if ctx is not None and hasattr(ctx, "record"):
         ctx.record.update(info)
@@ -113,6 +113,6 @@ SPEC = DefenseSpec(
     name="quantize", kind="lm", config=QuantizeConfig, run=run_quantize, needs=Needs(trains=False, clean_data=False),
     summary="weight quantization round trip: NF4 + double quantisation (default) or int8 (no training, no data)",
     paper="the CROW paper's quantization baseline (4-bit NF4, QLoRA: Dettmers et al., NeurIPS 2023)",
-    presets={"int8": {"method": "int8"}, "nf4-single": {"double_quant": False},
-             "bnb": {"backend": "bitsandbytes"}, "int8-bnb": {"method": "int8", "backend": "bitsandbytes"}},
+    presets={"int8": {"scheme": "int8"}, "nf4-single": {"double_quant": False},
+             "bnb": {"backend": "bitsandbytes"}, "int8-bnb": {"scheme": "int8", "backend": "bitsandbytes"}},
 )
