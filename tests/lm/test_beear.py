@@ -80,5 +80,7 @@ def test_a_short_beear_run_trains_the_adapter_and_records_the_behaviour_examples
     info = ctx.record
     assert info["behaviour_examples"]["count"] == len(records) and info["behaviour_examples"]["file"].endswith(".json")
     assert info["layer"] == 1 and info["hidden_scale"] > 0 and info["trace_last"]["delta_norm"] > 0
+    # the entrapped perturbation makes the unwanted answer likelier than it is without it
+    assert info["trace_first"]["entrapped_unwanted_ce"] < info["unwanted_ce_without_delta"]
     merged = out.merge_and_unload() if hasattr(out, "merge_and_unload") else out
     assert any(not torch.allclose(p, before[n]) for n, p in merged.named_parameters() if n in before)

@@ -153,6 +153,10 @@ class BeearTrainer(SFTTrainer):
             finally:
                 perturb.set(None, None)
 
+        if "unwanted_ce_without_delta" not in self.report:  # the entrapment's starting point, once
+            with torch.no_grad():
+                self.report["unwanted_ce_without_delta"] = round(float(ce(unwanted, None)), 6)
+
         # 1. entrapment: the universal drift that elicits the unwanted answer (parameters untouched)
         step = cfg.inner_step_size * scale
         ce_u = torch.tensor(float("nan"))
