@@ -141,5 +141,7 @@ def test_cleangen_runs_through_the_defend_flow_and_records_the_reference(tmp_pat
     assert ledger["given"]["defense_info"]["decoding"] == "cleangen"
     m = json.loads((run / "metrics.json").read_text())
     assert m["after"] == m["before"]  # the reference is the suspect itself: nothing is ever replaced
+    gen = m["defense_info"]["generation"]  # counters over the evaluation's CleanGen generations
+    assert gen["replaced"] == 0 and gen["tokens"] > 0 and gen["seconds"] > 0
     res = api.evaluate_lm(run / "model", tmp_path / "clean.json", eval_config=None)
     assert res["metrics"]["asr"] == m["after"]["asr"]

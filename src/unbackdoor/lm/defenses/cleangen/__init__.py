@@ -39,6 +39,8 @@ def run_cleangen(model: Any, tokenizer: Any, clean: Sequence[dict], cfg: CleanGe
     wrapped = CleanGenModel(model.eval(), reference.eval(), cfg, sources=sources)
     ctx.record.update({"decoding": "cleangen", "alpha": cfg.alpha, "k": cfg.k,
                        "reference": sources["reference"]["model"]})
+    # the decoder's counters live in the record, so metrics.json gets them for the evaluation's generations
+    wrapped.stats = ctx.record.setdefault("generation", {})
     return wrapped.eval()
 
 
