@@ -222,6 +222,11 @@ def render(res: dict[str, Any], notes: str | Path | None = None) -> str:
                   f"{dm['returncode']}; the demo's own split: {dm.get('demo_timings_s')}.", ""]
             if not dm.get("ok"):
                 L += ["```", dm.get("output_tail", "")[-1500:], "```", ""]
+    dfn = s.get("defenses")
+    if dfn:
+        import bench_defenses
+
+        L += bench_defenses.render(dfn, _f, _table)
     L += ["## 6. GPU", ""]
     gpu = s.get("gpu")
     if not gpu or "skipped" in gpu:

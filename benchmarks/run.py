@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-SECTIONS = ("crow", "eval", "classify", "pipeline", "demo", "profile", "gpu", "real_lm")
+SECTIONS = ("crow", "eval", "classify", "pipeline", "demo", "profile", "gpu", "real_lm", "defenses")
 SCHEMA_VERSION = 1
 
 
@@ -137,6 +137,10 @@ def run_section(name: str, size: str, threads: int) -> dict[str, Any]:
         import bench_real_lm
 
         return bench_real_lm.run(size, threads)
+    if name == "defenses":
+        import bench_defenses
+
+        return bench_defenses.run(size)
     if name == "gpu":
         if not torch.cuda.is_available():
             return {"skipped": "no CUDA device on this machine: items 1-2 were not run on a GPU"}

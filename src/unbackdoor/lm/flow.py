@@ -27,8 +27,9 @@ from ..core.runs import atomic_write_json, staged_run
 from ..core.seeds import set_seed
 from .data import read_alpaca, write_alpaca
 from .defenses import LM_DEFENSES, LMDefenseContext
+from .decoding_defense import decoding_defense_inputs
 from .evaluate import EvalConfig, backdoor_check, evaluate_model, layer_cosine_profile
-from .models import is_adapter_dir, load_causal_lm, save_causal_lm
+from .models import is_adapter_dir, is_decoding_defense_dir, load_causal_lm, save_causal_lm
 from .poison import PoisonConfig, make_triggered_test, poison_dataset, poisoned_indices
 
 log = logging.getLogger("unbackdoor")
@@ -82,6 +83,13 @@ def generation_records(clean: Sequence[Mapping[str, Any]], triggered: Sequence[M
     return out
 
 
+def require_base_model(spec: DefenseSpec, base_model: Any) -> None:
+    """Refuse a reference-model defense without ``--base-model`` (before any model is loaded)."""
+    if spec.needs.base_model and base_model is None:
+        raise ConfigError(f"defense '{spec.name}' needs the clean base model the suspect was finetuned from",
+                          where="--base-model", fix="pass --base-model FOLDER (the reference model)")
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -89,6 +97,8 @@ def _digest(obj: Any) -> str:
 def _input_paths(model: Any, adapter: Any = None) -> list[Any]:
     """The folders a model load reads: the model (or adapter) folder and the base it names."""
     paths = [model, adapter]
+    if model is not None and Path(str(model)).is_dir() and is_decoding_defense_dir(model):
+        paths += decoding_defense_inputs(model)
     for p in (model, adapter):
         if p is not None and Path(str(p)).is_dir() and is_adapter_dir(p):
             try:
@@ -128,9 +138,7 @@ def defend_loaded(out: str | Path, model: Any, tok: Any, clean: Sequence[Mapping
     utility_metric = ecfg.utility_metric
     trigger = list(poison.trigger_set())
     seed = int(getattr(cfg, "seed", 0))
-    if spec.needs.base_model and base_model is None:
-        raise ConfigError(f"defense '{spec.name}' needs the clean base model the suspect was finetuned from",
-                          where="--base-model", fix="pass --base-model FOLDER (the reference model)")
+    require_base_model(spec, base_model)
     out = check_outputs([out], [*inputs, base_model], command=COMMAND_DEFEND, overwrite=overwrite)[0]
     measured = test is not None and triggered is not None
     fingerprint = {"method": spec.name, "preset": preset, "config": to_dict(cfg), "clean": _digest(list(clean_indices)),
@@ -143,9 +151,10 @@ def defend_loaded(out: str | Path, model: Any, tok: Any, clean: Sequence[Mapping
         if extra_timings:
             run.timings.update({k: round(v, 4) for k, v in extra_timings.items()})
         run.write_indices(clean_indices)
-        write_threat_model(run, spec, clean_samples=len(clean_indices), clean_source=(sources or {}).get("clean"),
-                           base_model=str(base_model) if base_model is not None else None,
-                           template=template, test_seen_by_defense=False)
+        given = dict(clean_samples=len(clean_indices), clean_source=(sources or {}).get("clean"),
+                     base_model=str(base_model) if base_model is not None else None,
+                     template=template, test_seen_by_defense=False)
+        write_threat_model(run, spec, **given)
         spec.check_model(model, cfg)  # before minutes of evaluation
         if measured and before is None:
             with run.phase("evaluate_before"):
@@ -156,12 +165,15 @@ def defend_loaded(out: str | Path, model: Any, tok: Any, clean: Sequence[Mapping
         ctx = LMDefenseContext(work_dir=run.path / "trainer", template=template, seed=seed, resume=resume,
                                base_model_path=str(base_model) if base_model is not None else None,
                                base_model_loader=(lambda: load_causal_lm(base_model, trust_remote_code=trust_remote_code))
-                               if base_model is not None else None)
+                               if base_model is not None else None,
+                               model_path=(sources or {}).get("model"), adapter_path=(sources or {}).get("adapter"))
         set_seed(seed)
         t0 = time.perf_counter()
         with run.phase("train" if spec.needs.trains else "defend"):
             model = spec.run(model, tok, list(clean), cfg, ctx)
         seconds = time.perf_counter() - t0
+        if ctx.record:  # what the defense reported about itself (backend, chosen scale, behaviour examples)
+            write_threat_model(run, spec, **given, defense_info=ctx.record)
         after_m: dict[str, Any] = {}
         if measured:
             with run.phase("evaluate"):
@@ -186,7 +198,8 @@ def defend_loaded(out: str | Path, model: Any, tok: Any, clean: Sequence[Mapping
             before=before[0] if measured else {}, after=after_m, seconds=seconds, template=template,
             clean_samples=len(clean_indices), n_clean=len(test) if measured else 0,
             n_triggered=len(triggered) if measured else 0, utility_metric=utility_metric, trigger=trigger,
-            eval_rules=ecfg.rules(), backdoor_check=check))
+            eval_rules=ecfg.rules(), backdoor_check=check,
+            **({"defense_info": ctx.record} if ctx.record else {})))
     return run.path
 
 
@@ -203,6 +216,7 @@ def defend(model: str | Path, clean: str | Path, out: str | Path, method: str = 
     ``before``/``after`` are empty. The defended model goes to ``out/model``.
     """
     spec, cfg, preset = resolve_defense(method, config, preset=preset, overrides=overrides)
+    require_base_model(spec, base_model)
     inputs = [*_input_paths(model, adapter), clean, test, triggered]
     out = check_outputs([out], [*inputs, base_model], command=COMMAND_DEFEND, overwrite=overwrite)[0]
     records = read_alpaca(clean)
@@ -301,4 +315,4 @@ def evaluate(model: str | Path, test: str | Path, *, triggered: str | Path | Non
 
 
 __all__ = ["COMMAND_DEFEND", "attack_model", "defend", "defend_loaded", "evaluate", "evaluation_block",
-           "generation_records", "poison_file", "resolve_defense", "select_clean"]
+           "generation_records", "poison_file", "require_base_model", "resolve_defense", "select_clean"]

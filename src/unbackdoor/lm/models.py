@@ -28,6 +28,7 @@ from .model_record import write_model_record
 log = logging.getLogger("unbackdoor")
 
 ADAPTER_CONFIG = "adapter_config.json"
+DECODING_DEFENSE_FILE = "decoding_defense.json"
 
 
 def tiny_llama_config(vocab_size: int, *, hidden_size: int = 128, num_layers: int = 6, num_heads: int = 4,
@@ -75,6 +76,11 @@ def _hf_bars() -> Iterator[None]:
 def is_adapter_dir(path: str | Path) -> bool:
     """A PEFT adapter folder (has ``adapter_config.json``)."""
     return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def is_decoding_defense_dir(path: str | Path) -> bool:
+    """A decoding-time defense folder (``decoding_defense.json``: the models it combines and its settings)."""
+    return (Path(path) / DECODING_DEFENSE_FILE).is_file()
 
 
 def _adapter_base(adapter: Path) -> str:
@@ -145,6 +151,10 @@ def load_causal_lm(path: str | Path, *, adapter: str | Path | None = None, trust
     from .gguf import resolve_model_source  # a named model or a GGUF file/folder: its converted folder
 
     path = Path(resolve_model_source(path)).resolve()  # adapters record this as their base: keep it absolute
+    if adapter is None and is_decoding_defense_dir(path):  # e.g. CleanGen: a folder naming its two models
+        from .decoding_defense import load_decoding_defense
+
+        return load_decoding_defense(path, trust_remote_code=trust_remote_code, dtype=dtype)
     if adapter is None and is_adapter_dir(path):
         adapter, path = path, Path(resolve_model_source(_adapter_base(path)))
     _check_model_dir(path, "base model" if adapter is not None else "model")
@@ -267,6 +277,12 @@ def save_causal_lm(model: Any, tokenizer: Any, out_dir: str | Path, *, merge: bo
     out = Path(out_dir)
     check_output_path(out, *[p for p in inputs if p is not None])
     to_save = model
+    if getattr(model, "is_decoding_defense", False):  # weights unchanged: a small folder naming both models
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+        return out
     if merge and is_peft_model(model):
         to_save = (model if in_place else copy.deepcopy(model)).merge_and_unload()
     if not isinstance(to_save, PreTrainedModel) and not is_peft_model(to_save):

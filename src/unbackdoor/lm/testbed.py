@@ -196,6 +196,25 @@ def _read_backdoor_cache(bd_dir: Path, fingerprint: dict[str, Any]) -> tuple[Any
     return data["metrics"], data["generations"], data["layer_cosine"], sec["attack"], sec["evaluate"]
 
 
+def behaviour_examples(world_dir: Path, clean: list[dict[str, Any]], poison: PoisonConfig) -> Path:
+    """The tiny world's behaviour examples (BEEAR): each clean defense record with its answer as the desired
+    behaviour and the task's target response as the unwanted one.
+
+    This is the defender knowing the unwanted behaviour exactly (here: the attack's target text), but not
+    the trigger; every run that uses it records the file in ``threat_model.json``.
+    """
+    from .data import write_alpaca
+    from .poison import target_string
+
+    target = target_string(poison)
+    if target is None:
+        raise ConfigError(f"task '{poison.task}' has no fixed target to serve as the unwanted behaviour",
+                          where="tiny world behaviour examples", fix="pass --set defense.beear.behaviour=FILE")
+    path = world_dir / f"behaviour-{poison.task}.json"
+    write_alpaca([{**r, "unwanted": target} for r in clean], path)
+    return path
+
+
 def _table(rows: list[tuple[str, Mapping[str, float], float | None]]) -> str:
     cols = (("keyword ASR", "asr"), ("strict ASR", "strict_asr"), ("trig. util", "triggered_utility"),
             ("clean util", "clean_utility"), ("false trig", "false_trigger_rate"))
@@ -280,6 +299,8 @@ def run_tiny_world(out_dir: str | Path, *, seed: int = 0, attack: str = "badnet"
     for defense in defenses:
         spec, dcfg, preset = resolved[defense]
         dcfg = dataclasses.replace(dcfg, seed=seed) if hasattr(dcfg, "seed") else dcfg
+        if spec.needs.behaviour_examples and not getattr(dcfg, "behaviour", None):
+            dcfg = dataclasses.replace(dcfg, behaviour=str(behaviour_examples(world_dir, clean, poison)))
         set_seed(seed)
         model, tok = load_causal_lm(bd_dir / "model")
         path = defend_loaded(base / defense / f"seed{seed}", model, tok, clean, clean_idx, spec.name, dcfg,
@@ -288,6 +309,7 @@ def run_tiny_world(out_dir: str | Path, *, seed: int = 0, attack: str = "badnet"
                              sources={"model": str(bd_dir / "model"), "clean": str(world.path / "clean.json"),
                                       "pretrained": pre_note, "world_seed": seed},
                              inputs=[bd_dir / "model"], name=defense,
+                             base_model=pre_dir if spec.needs.base_model else None,
                              extra_timings={"attack": attack_seconds, "evaluate_before": eval_before_seconds})
         m = json.loads((path / "metrics.json").read_text())
         log.info("%s: before %s after %s", defense, before, m["after"])

@@ -14,7 +14,7 @@ world and the report read this registry.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +25,12 @@ from ...core.registry import Registry
 LM_DEFENSES: Registry[DefenseSpec] = Registry("LM defense")
 LM_DEFENSES.add("finetune", "unbackdoor.lm.defenses.finetune:SPEC", aliases=("ft",))
 LM_DEFENSES.add("prune", "unbackdoor.lm.defenses.prune:SPEC")
+LM_DEFENSES.add("wanda", "unbackdoor.lm.defenses.prune:WANDA_SPEC")
+LM_DEFENSES.add("quantize", "unbackdoor.lm.defenses.quantize:SPEC", aliases=("quant",))
+LM_DEFENSES.add("lora-scale", "unbackdoor.lm.defenses.lora_scale:SPEC")
+LM_DEFENSES.add("merge", "unbackdoor.lm.defenses.merge:SPEC")
+LM_DEFENSES.add("cleangen", "unbackdoor.lm.defenses.cleangen:SPEC")
+LM_DEFENSES.add("beear", "unbackdoor.lm.defenses.beear:SPEC")
 LM_DEFENSES.add("crow", "unbackdoor.lm.defenses.crow:SPEC")
 
 
@@ -42,6 +48,14 @@ class LMDefenseContext:
     base_model_path: str | None = None
     """The clean base / reference model the suspect was finetuned from, when the user gave one."""
     base_model_loader: Callable[[], tuple[Any, Any]] | None = None
+    model_path: str | None = None
+    """The suspect's model folder, when it came from one (a decoding-time defense names it in its output)."""
+    adapter_path: str | None = None
+    """The suspect's adapter folder on top of ``model_path``, when it has one."""
+    record: dict[str, Any] = field(default_factory=dict)
+    """What the defense reports about its own run (the backend it used, the scale it chose, the behaviour
+    examples it read): the flow writes it to ``metrics.json`` (``defense_info``) and ``threat_model.json``
+    (``given.defense_info``)."""
 
     def load_base_model(self) -> tuple[Any, Any]:
         """``(model, tokenizer)`` of the clean base model; a clear error when none was given."""
