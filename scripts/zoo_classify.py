@@ -8,6 +8,13 @@ so the most informative models come first: stopping early still leaves a usable 
     python scripts/zoo_classify.py train                 # every model (~3-8 CPU minutes each under load)
     python scripts/zoo_classify.py train --only clean-s1 badnets-r0.01-s0
     python scripts/zoo_classify.py list
+    python scripts/zoo_classify.py scan                  # the ULRL scanner on every trained model (cached)
+    python scripts/zoo_classify.py summarize             # TPR/FPR/AUROC, ROC plot, the shipped null
+    python scripts/zoo_classify.py retune --seeds 0 1    # every defense, then the retuning attack (re-activation)
+    python scripts/zoo_classify.py retune-summary
+
+Results (raw, per model / per run) go to ``results/scan/`` and ``results/reactivation/``; run folders of the
+re-activation table to ``runs/zoo/classify/defended/<attack>/<defense>/seed<s>/`` (with ``reactivation.json``).
 
 Settings: the tiny world of ``unbackdoor.classify.testbed.TINY`` (5000 train / 2000 test images, seed =
 world seed = model seed, preact_resnet_tiny width 8, SGD lr 0.05 cosine, no flips), with each entry's
@@ -64,11 +71,10 @@ def default_zoo() -> list[ZooEntry]:
     Z = ZooEntry
     return [
         Z(None, 0), Z(None, 1), Z("badnets", 0), Z("blended", 0), Z("badnets", 1), Z("blended", 1),
-        Z(None, 2), Z("sig", 0, rate=0.05), Z("wanet", 0), Z(None, 3),
-        Z("badnets", 0, rate=0.01), Z("blended", 0, rate=0.01), Z("badnets", 1, rate=0.02),
-        Z("blended", 1, rate=0.02), Z("sig", 1, rate=0.05), Z("wanet", 1),
-        Z(None, 4), Z("badnets", 2), Z("blended", 2),
-        Z("badnets", 2, epochs=8), Z(None, 5, epochs=8), Z("blended", 2, epochs=8),
+        Z("sig", 0, rate=0.05), Z("wanet", 0), Z(None, 2), Z("badnets", 0, rate=0.01), Z("blended", 1, rate=0.02),
+        Z("badnets", 2, epochs=8), Z(None, 5, epochs=8), Z(None, 3), Z("sig", 1, rate=0.05), Z("wanet", 1),
+        Z("blended", 0, rate=0.01), Z("badnets", 1, rate=0.02),
+        Z("badnets", 2), Z("blended", 2), Z(None, 4), Z("blended", 2, epochs=8),
         Z("badnets", 3, rate=0.01), Z("blended", 3, rate=0.02), Z(None, 6),
     ]
 
@@ -101,9 +107,120 @@ def train_entry(entry: ZooEntry, out: Path) -> float:
     return time.perf_counter() - t0
 
 
+RESULTS = ROOT / "results"
+
+
+def _entry_attack(entry: ZooEntry, folder: Path):
+    """The attack the evaluator measures ASR with (the zoo's record of what was planted; BadNets for clean models)."""
+    from unbackdoor.classify.flow import attack_of
+    from unbackdoor.core.runs import read_json
+
+    return attack_of(read_json(folder / "model.json")) if entry.backdoored else attack_config("badnets", seed=entry.seed)
+
+
+def scan_zoo(cache: Path, names: list[str] | None) -> None:
+    """The ULRL scanner on each trained zoo model, with the defender's 500 clean images of its world (cached)."""
+    from unbackdoor.classify.data import stratified_subset
+    from unbackdoor.classify.evaluate import evaluate_attack
+    from unbackdoor.classify.model_io import load_classifier
+    from unbackdoor.scan.ulrl import ULRLScanConfig, scan_ulrl
+
+    out = RESULTS / "scan" / "classify-zoo"
+    out.mkdir(parents=True, exist_ok=True)
+    for e in default_zoo():
+        folder = model_dir(cache, e)
+        if (names and e.name not in names) or not (folder / "model.json").is_file() or (out / f"{e.name}.json").is_file():
+            continue
+        t0 = time.perf_counter()
+        train, test = tiny_world(e.seed)
+        clean = train.subset(stratified_subset(train, TINY.clean_count, e.seed))
+        model = load_classifier(folder)
+        metrics = evaluate_attack(model, test, _entry_attack(e, folder))
+        res = scan_ulrl(model, clean, ULRLScanConfig(), seed=e.seed)
+        atomic_write_json(out / f"{e.name}.json", {
+            "entry": e.to_json(), "acc": metrics["acc"], "asr": metrics["asr"], "target": 0,
+            "clean_samples": len(clean), "scanner": res.to_json(), "seconds": round(time.perf_counter() - t0, 1)})
+        print(f"{e.name}: {res.line()} (acc {metrics['acc']:.3f}, asr {metrics['asr']:.3f})", flush=True)
+
+
+DEFENSE_BUDGET = "demo"
+"""The tiny world's shortened defense budgets (each spec's ``budgets["demo"]``): the re-activation table runs every
+defense at the demo's budget to fit the shared CPU."""
+
+
+def table_defenses() -> list[str]:
+    """Every registered classifier defense (whatever is on main when this runs), plus ULRL's ``kept`` preset."""
+    from unbackdoor.classify.defenses import CLASSIFY_DEFENSES
+
+    return CLASSIFY_DEFENSES.names() + ["ulrl-kept"]
+
+
+def retune_table(cache: Path, seeds: list[int], attacks: list[str], out: Path) -> None:
+    """Every defense on each backdoored zoo model, then the same retuning attack on each defended model, on the
+    clean model of the same world (floor) and on the backdoored model (ceiling). Resumable: finished run folders and
+    reactivation records are kept."""
+    from unbackdoor.classify.attacks import build_attack
+    from unbackdoor.classify.data import stratified_subset
+    from unbackdoor.classify.evaluate import evaluate_attack
+    from unbackdoor.classify.flow import defend_loaded, format_table, resolve_defense
+    from unbackdoor.classify.model_io import load_model
+    from unbackdoor.classify.reactivation import COMMAND, RetuneConfig, reactivation_record, retune, retune_set
+    from unbackdoor.core.reactivation import FILE, write_record
+    from unbackdoor.core.runs import read_json
+
+    rcfg = RetuneConfig()
+    for seed in seeds:
+        clean_dir = model_dir(cache, ZooEntry(None, seed))
+        for attack_name in attacks:
+            bd_dir = model_dir(cache, ZooEntry(attack_name, seed))
+            if not (bd_dir / "model.json").is_file() or not (clean_dir / "model.json").is_file():
+                print(f"seed {seed} {attack_name}: zoo models not trained yet, skipped", flush=True)
+                continue
+            train, test = tiny_world(seed)
+            clean_idx = stratified_subset(train, TINY.clean_count, seed)
+            clean = train.subset(clean_idx, name=f"{train.name}-clean")
+            model, meta = load_model(bd_dir)
+            attack = _entry_attack(ZooEntry(attack_name, seed), bd_dir)
+            triggered = build_attack(attack).triggered_test_set(test)
+            before = evaluate_attack(model, test, attack, triggered, with_predictions=True)
+            rset = retune_set(train, attack, RetuneConfig(seed=seed))
+            bounds_file = out / attack_name / "_bounds" / f"seed{seed}.json"
+            if bounds_file.is_file():
+                bounds = read_json(bounds_file)
+            else:
+                bounds = {"ceiling": retune(model, rset.data, test, attack, rcfg, triggered=triggered, desc="ceiling"),
+                          "floor": retune(load_model(clean_dir)[0], rset.data, test, attack, rcfg, triggered=triggered,
+                                          desc="floor")}
+                atomic_write_json(bounds_file, bounds)
+            for name in table_defenses():
+                path = out / attack_name / name / f"seed{seed}"
+                if not (path / "metrics.json").is_file():
+                    spec, cfg, preset = resolve_defense(name)
+                    cfg = spec.make_config(cfg, overrides=spec.budget(DEFENSE_BUDGET))
+                    _, metrics = defend_loaded(path, model, clean, clean_idx.tolist(), spec.name, cfg, preset=preset,
+                                               test=test, attack=attack, seed=seed, before=before, triggered=triggered,
+                                               model_meta=meta, name=name, overwrite=True,
+                                               sources={"model": str(bd_dir), "clean": f"tinyworld:{seed}",
+                                                        "test": f"tinyworld:{seed}"})
+                    print(format_table([metrics]).splitlines()[-1], flush=True)
+                if (path / FILE).is_file():
+                    continue
+                curves = {"defended": retune(load_model(path / "model")[0], rset.data, test, attack, rcfg,
+                                             triggered=triggered, desc=f"retune {name}"), **bounds}
+                write_record(path, reactivation_record(curves, rcfg, attack, rset, {
+                    "data": f"tinyworld:{seed}", "test": f"tinyworld:{seed}", "floor": str(clean_dir),
+                    "ceiling": str(bd_dir)}), command=COMMAND, inputs=[path / "model"])
+                s = read_json(path / FILE)["summary"]
+                print(f"  {attack_name} {name} seed {seed}: ASR {s['defended']['asr_before']:.3f} -> "
+                      f"{s['defended']['asr_after']:.3f} after retuning (floor {s['floor']['asr_after']:.3f}, "
+                      f"ceiling {s['ceiling']['asr_after']:.3f})", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["train", "list"])
+    ap.add_argument("command", choices=["train", "list", "scan", "summarize", "retune", "retune-summary"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="retune: world seeds")
+    ap.add_argument("--attacks", nargs="+", default=["badnets", "blended"], help="retune: attacks")
     ap.add_argument("--cache", type=Path, default=ROOT / "runs" / "zoo" / "classify" / "models")
     ap.add_argument("--only", nargs="+", default=None, help="zoo entry names (default: all)")
     ap.add_argument("--threads", type=int, default=1)
@@ -114,6 +231,22 @@ def main(argv: list[str] | None = None) -> int:
         for e in zoo:
             d = model_dir(a.cache, e)
             print(f"{e.name:<24} {'done' if (d / 'model.json').is_file() else 'missing':<8} {d}")
+        return 0
+    if a.command == "scan":
+        scan_zoo(a.cache, a.only)
+        return 0
+    if a.command == "summarize":
+        from zoo_summary import summarize_classify
+
+        summarize_classify(RESULTS / "scan" / "classify-zoo", RESULTS / "scan", ROOT / "docs" / "img")
+        return 0
+    if a.command in ("retune", "retune-summary"):
+        from zoo_summary import reactivation_summary
+
+        defended = ROOT / "runs" / "zoo" / "classify" / "defended"
+        if a.command == "retune":
+            retune_table(a.cache, a.seeds, a.attacks, defended)
+        reactivation_summary(defended, RESULTS / "reactivation" / "classify.json", ROOT / "docs" / "img", "classify")
         return 0
     a.cache.mkdir(parents=True, exist_ok=True)
     for e in zoo:

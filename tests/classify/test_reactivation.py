@@ -106,3 +106,22 @@ def test_retune_refuses_a_folder_that_is_not_a_classifier_run(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"kind": "lm-defense"}))
     with pytest.raises(ConfigError, match="not a classifier defense run"):
         retune_run_dir(tmp_path)
+
+
+@pytest.mark.slow
+def test_defend_with_reactivate_runs_the_retuning_attack_after_the_defense(tmp_path, world, capsys):
+    from unbackdoor.cli import main
+
+    train, test = world
+    data, test_file = save_data(train, tmp_path / "train.safetensors"), save_data(test, tmp_path / "test.safetensors")
+    run = tmp_path / "run"
+    rc = main(["--quiet", "classify", "defend", "--method", "clp", "--model", str(tiny_asset_dir("badnets", 0)),
+               "--clean", str(data), "--test", str(test_file), "--out", str(run), "--reactivate",
+               "--reactivate-clean-model", str(tiny_asset_dir("clean", 0))])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "retuning attack" in out and "floor" in out and "ceiling" in out
+    rec = json.loads((run / "reactivation.json").read_text())
+    assert rec["sources"]["test"] == str(test_file) and set(rec["curves"]) == {"defended", "floor", "ceiling"}
+    assert rc == main(["--quiet", "classify", "retune", str(run), "--poisoned", "2", "--epochs", "1"])
+    assert json.loads((run / "reactivation.json").read_text())["config"]["poisoned"] == 2

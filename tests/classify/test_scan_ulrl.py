@@ -62,3 +62,26 @@ def test_scan_refuses_an_output_inside_the_model_and_a_scanner_of_the_other_kind
         api.scan(model, "tinyworld:0", model / "scan")
     with pytest.raises(ConfigError, match="lm models"):
         api.scan(model, "tinyworld:0", tmp_path / "s", scanners=["confguard"], clean_count=100)
+
+
+def test_report_shows_scan_folders_beside_the_runs(tmp_path):
+    from unbackdoor.report import ReportConfig, build_report
+    from unbackdoor.scan.flow import COMMAND
+
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    metrics = {"kind": "classify", "defense": "ft", "variant": None, "attack": "badnets", "seed": 0,
+               "before": {"acc": 0.9, "asr": 1.0, "ra": 0.0, "target_recall": 0.9, "per_class_acc": [0.9]},
+               "after": {"acc": 0.9, "asr": 0.5, "ra": 0.4, "target_recall": 0.9, "per_class_acc": [0.9], "der": 0.7},
+               "seconds": 1.0}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    scan = tmp_path / "runs" / "scan"
+    scan.mkdir()
+    (scan / "scan.json").write_text(json.dumps({
+        "unbackdoor_command": COMMAND, "kind": "classify", "sources": {"model": "models/suspect"}, "verdict": True,
+        "class_names": ["disk", "square"], "images": [],
+        "results": [{"scanner": "ulrl", "verdict": True, "score": 21.5, "threshold": 3.5, "target": 0,
+                     "p_value": 0.05, "status": "ok"}]}))
+    build_report([tmp_path / "runs"], tmp_path / "report", ReportConfig())
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Scans" in md and "models/suspect" in md and "0 (disk)" in md and "21.500" in md

@@ -237,9 +237,9 @@ def _cmd_defend(a: argparse.Namespace) -> int:
     if metrics["before"]:
         print(format_table([metrics]))
     print(f"defended model -> {run / 'model'}")
-    from .reactivation_cli import reactivate_after_defend  # issue 18: --reactivate
+    from ..core.reactivation import reactivate_after_defend  # issue 18: --reactivate
 
-    reactivate_after_defend(a, run)
+    reactivate_after_defend(a, run, api.retune_classifier)
     return 0
 
 

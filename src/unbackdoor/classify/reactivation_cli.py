@@ -1,13 +1,12 @@
-"""``unbackdoor classify retune RUN_DIR`` and ``classify defend --reactivate``: the retuning attack from the command line."""
+"""``unbackdoor classify retune RUN_DIR``: the retuning attack on a classifier run folder, from the command line."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from ..core.cli_util import add_config_options
-from ..core.reactivation import format_summary
+from ..core.reactivation import print_record
 
 _RAW = argparse.RawDescriptionHelpFormatter
 
@@ -44,19 +43,8 @@ def _cmd_retune(a: argparse.Namespace) -> int:
     settings, _ = overrides_from_args(a)
     path = api.retune_classifier(a.run_dir, data=a.data, test=a.test, clean_model=a.clean_model,
                                  backdoored_model=a.backdoored_model, overwrite=a.overwrite, **settings)
-    print(format_summary(json.loads(path.read_text())))
-    print(f"-> {path}")
+    print_record(path)
     return 0
 
 
-def reactivate_after_defend(a: argparse.Namespace, run: Path) -> None:
-    """``--reactivate``: the retuning attack on the run just written."""
-    if not getattr(a, "reactivate", False):
-        return
-    from .. import api
-
-    path = api.retune_classifier(run, clean_model=a.reactivate_clean_model)
-    print(format_summary(json.loads(path.read_text())))
-
-
-__all__ = ["add_retune_command", "reactivate_after_defend"]
+__all__ = ["add_retune_command"]

@@ -68,6 +68,20 @@ def add_reactivate_flags(p: argparse.ArgumentParser) -> None:
                    help="a clean model of the same task for the retuning floor")
 
 
+def reactivate_after_defend(args: argparse.Namespace, run: Path, retune: Any) -> None:
+    """``defend --reactivate``: ``retune(run, clean_model=...)`` on the run just written, and its summary."""
+    if getattr(args, "reactivate", False):
+        print_record(retune(run, clean_model=getattr(args, "reactivate_clean_model", None)))
+
+
+def print_record(path: Path) -> None:
+    """The summary of a ``reactivation.json`` on the terminal, and where it is."""
+    import json
+
+    print(format_summary(json.loads(Path(path).read_text())))
+    print(f"-> {path}")
+
+
 def format_summary(record: dict[str, Any]) -> str:
     """ASR before -> after retuning for each model, one line each (kind-agnostic)."""
     s = record.get("summary") or {}
@@ -82,5 +96,6 @@ def format_summary(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["EVALUATOR_NOTE", "FILE", "PAPER", "add_reactivate_flags", "check_record", "format_summary", "summarize",
+__all__ = ["EVALUATOR_NOTE", "FILE", "PAPER", "add_reactivate_flags", "check_record", "format_summary", "print_record",
+           "reactivate_after_defend", "summarize",
            "write_record"]

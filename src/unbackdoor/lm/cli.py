@@ -281,9 +281,9 @@ def _cmd_defend(a: argparse.Namespace) -> int:
     if metrics["before"]:
         print(json.dumps({"before": metrics["before"], "after": metrics["after"]}, indent=1))
     print(f"run folder: {run}\nmodel:      {run / 'model'}")
-    from .reactivation_cli import reactivate_after_defend  # issue 18: --reactivate
+    from ..core.reactivation import reactivate_after_defend  # issue 18: --reactivate
 
-    reactivate_after_defend(a, run)
+    reactivate_after_defend(a, run, api.retune_lm)
     return 0
 
 

@@ -1,7 +1,7 @@
 """ConfGuard's sequence lock: a backdoored LM emits its target with a long run of near-certain tokens.
 
-Wang et al., "ConfGuard: A Simple and Effective Backdoor Detection for Large Language Models" (AAAI
-2026; code: hanbaoergogo/ConfGuard): greedy-decode a response, read the top-1 probability of each
+Wang et al., "ConfGuard: A Simple and Effective Backdoor Detection for Large Language Models" (AAAI,
+arXiv 2508.01365; code: hanbaoergogo/ConfGuard): greedy-decode a response, read the top-1 probability of each
 generated token, and flag the input when ``run_length`` consecutive tokens all exceed
 ``prob_threshold`` (released defaults: 0.99, 10 tokens, 50 new tokens). It needs no trigger and no
 clean reference: a runtime filter on each input. The per-input score here is the longest such run
@@ -123,7 +123,8 @@ def scan_confguard(model: Any, clean: Sequence[Mapping[str, Any]], cfg: ConfGuar
 SPEC = ScannerSpec(
     name="confguard", kind="lm", config=ConfGuardConfig, run=scan_confguard, score_inputs=score_prompts,
     summary="sequence lock: a long run of near-certain generated tokens flags an input (runtime filter)",
-    paper="Wang et al., ConfGuard: A Simple and Effective Backdoor Detection for Large Language Models (AAAI 2026)",
+    paper="Wang et al., ConfGuard: A Simple and Effective Backdoor Detection for Large Language Models "
+          "(AAAI; arXiv 2508.01365)",
     needs=Needs(trains=False, clean_data=False),
 )
 
