@@ -47,8 +47,8 @@ class RetuneConfig:
     """The retuning attack's settings; defaults are the paper's released RA for CIFAR-10."""
 
     poisoned: int = option(5, "backdoor samples in the retuning set (paper: 5)")
-    samples: int = option(1000, "retuning-set size, the poisoned samples included (paper: 1000 CIFAR-10 images, 1 in 50 of its "
-                                "training set); capped at the data given")
+    samples: int = option(1000, "retuning-set size, the poisoned samples included (paper: 1000 CIFAR-10 images, "
+                                "1 in 50 of its training set); capped at the data given")
     epochs: int = option(5, "passes over the retuning set (paper: 5)")
     max_steps: int | None = option(None, "stop after this many optimizer steps (None: the epochs decide)")
     lr: float = option(0.01, "SGD learning rate, constant (paper: 0.01)")

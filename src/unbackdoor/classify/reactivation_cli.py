@@ -18,7 +18,8 @@ def add_retune_command(sub: Any) -> None:
                                       "poisoned finetuning steps? (writes RUN_DIR/reactivation.json)",
                        formatter_class=_RAW,
                        description="The retuning attack of Min et al. (NeurIPS 2024) on a defense run folder: the "
-                                   "defended model, the clean model (--clean-model, the floor) and the backdoored model "
+                                   "defended model, the clean model (--clean-model, the floor) and the backdoored "
+                                   "model "
                                    "(the ceiling) are finetuned on the same small set with a few poisoned samples, and "
                                    "ASR is measured along the way. It is the evaluator's attack: it uses the trigger, "
                                    "which no defense sees.",
@@ -26,7 +27,8 @@ def add_retune_command(sub: Any) -> None:
                               "--clean-model models/clean1\n"
                               "  unbackdoor classify retune runs/ft --poisoned 10 --epochs 10 --eval-every 4")
     p.add_argument("run_dir", type=Path, help="a run folder written by 'unbackdoor classify defend'")
-    p.add_argument("--data", default=None, help="where the retuning samples come from (default: the run's clean source)")
+    p.add_argument("--data", default=None,
+                   help="where the retuning samples come from (default: the run's clean source)")
     p.add_argument("--test", default=None, help="test data for ASR/ACC (default: the run's test source)")
     p.add_argument("--clean-model", type=Path, default=None, help="a clean model of the same task: the floor")
     p.add_argument("--backdoored-model", type=Path, default=None,

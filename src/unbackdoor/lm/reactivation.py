@@ -170,7 +170,8 @@ def retune_run_dir(run_dir: str | Path, *, data: str | Path | None = None, test:
     run_cfg = read_json(meta_file) if meta_file.is_file() else {}
     if run_cfg.get("kind") != "lm-defense":
         raise ConfigError(f"{run_dir} is not an LM defense run folder (config.json kind {run_cfg.get('kind')!r})",
-                          where=str(meta_file), fix="pass a folder written by 'unbackdoor lm defend' (or the tiny world)")
+                          where=str(meta_file),
+                          fix="pass a folder written by 'unbackdoor lm defend' (or the tiny world)")
     sources = run_cfg.get("sources") or {}
     data, test = data or sources.get("clean"), test or sources.get("test")
     triggered = triggered or (sources.get("triggered") if test == sources.get("test") else None)
@@ -198,15 +199,16 @@ def retune_run_dir(run_dir: str | Path, *, data: str | Path | None = None, test:
     if ceiling:
         loaders["ceiling"] = lambda: load_causal_lm(ceiling)
     work = Path(tempfile.mkdtemp(prefix=".retune-", dir=run_dir))
+    ecfg = eval_cfg or from_dict(EvalConfig, {**(run_cfg.get("eval") or {}), "template": template},
+                                 source=f"{meta_file}, eval")
     try:
-        curves = retune_models(loaders, records, test_recs, trig_recs, poison, cfg, work,
-                               eval_cfg=eval_cfg or from_dict(EvalConfig, {**(run_cfg.get("eval") or {}), "template": template},
-                                                             source=f"{meta_file}, eval"),
+        curves = retune_models(loaders, records, test_recs, trig_recs, poison, cfg, work, eval_cfg=ecfg,
                                template=template)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     record = reactivation_record(curves, cfg, poison, idx, poisoned,
-                                 {"data": str(data), "test": str(test), "triggered": str(triggered) if triggered else None,
+                                 {"data": str(data), "test": str(test),
+                                  "triggered": str(triggered) if triggered else None,
                                   "floor": str(clean_model) if clean_model else None,
                                   "ceiling": str(ceiling) if ceiling else None})
     return write_record(run_dir, record, command=COMMAND, inputs=inputs, overwrite=True)
@@ -216,5 +218,6 @@ _RECORDED = ("poisoned", "samples", "eval_every", "eval_prompts", "learning_rate
              "per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps",
              "finetune", "lora", "max_length", "seed", "weight_decay", "optim")
 
-__all__ = ["COMMAND", "EVALUATOR_NOTE", "LMRetuneConfig", "PAPER", "reactivation_record", "retune", "retune_models", "retune_records",
+__all__ = ["COMMAND", "EVALUATOR_NOTE", "LMRetuneConfig", "PAPER", "reactivation_record", "retune", "retune_models",
+           "retune_records",
            "retune_run_dir"]

@@ -21,7 +21,8 @@ def add_retune_command(sub: Any) -> None:
                                    "LoRA adapter on clean records with a few poisoned ones, on the defended model, the "
                                    "clean model (--clean-model, the floor) and the backdoored model (the ceiling). The "
                                    "evaluator's attack: it uses the trigger and the target, which no defense sees.",
-                       epilog="Examples:\n  unbackdoor lm retune runs/crow --test test.json --clean-model models/clean\n"
+                       epilog="Examples:\n"
+                              "  unbackdoor lm retune runs/crow --test test.json --clean-model models/clean\n"
                               "  unbackdoor lm retune runs/crow --poisoned 10 --lr 2e-3 --max-steps 40 --eval-every 10")
     p.add_argument("run_dir", type=Path, help="a run folder written by 'unbackdoor lm defend'")
     p.add_argument("--data", default=None, help="clean Alpaca records to retune on (default: the run's clean source)")

@@ -100,7 +100,7 @@ def plot(groups: Sequence[GroupSummary], title: str, path: Path) -> Path | None:
     for label, curves in per_group:
         steps, asr = _mean_curve(curves)
         ax.plot(steps, asr, marker="o", ms=3, label=f"{label} (n={len(curves)})")
-    for model, style in (("ceiling", ("#c0392b", "--")), ("floor", ("#27ae60", ":"))):
+    for model, style in (("ceiling", ("#000000", "--")), ("floor", ("#7f8c8d", ":"))):
         if extra[model]:
             steps, asr = _mean_curve(extra[model])
             ax.plot(steps, asr, color=style[0], ls=style[1], lw=2,

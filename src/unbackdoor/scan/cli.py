@@ -18,7 +18,8 @@ def register(subparsers: Any) -> None:
         description="Runs the scanners of the model's kind on a small clean set and writes a scan folder "
                     "(scan.json + one PNG per scanner). The scanners never see a trigger, a target or a triggered "
                     "input.\n\nScanners:\n" + listing,
-        epilog="Examples:\n  unbackdoor scan --model models/suspect --clean tinyworld:1 --clean-count 500 --out scans/s1\n"
+        epilog="Examples:\n"
+               "  unbackdoor scan --model models/suspect --clean tinyworld:1 --clean-count 500 --out scans/s1\n"
                "  unbackdoor scan --model runs/lm/model --clean clean.json --inputs traffic.json --out scans/lm\n"
                "  unbackdoor scan --model models/m --clean c.safetensors --scanners ulrl --set ulrl.z_threshold=5 "
                "--out scans/m")

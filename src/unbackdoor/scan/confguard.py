@@ -27,7 +27,8 @@ from .stats import empirical_p_value
 class ConfGuardConfig:
     """ConfGuard's settings (released defaults) and the model-level rule."""
 
-    prob_threshold: float = option(0.99, "a token is 'locked' when its top-1 probability exceeds this (ConfGuard: 0.99)")
+    prob_threshold: float = option(0.99, "a token is 'locked' when its top-1 probability exceeds this "
+                                         "(ConfGuard: 0.99)")
     run_length: int = option(10, "an input is flagged after this many consecutive locked tokens (ConfGuard: 10)")
     max_new_tokens: int = option(50, "greedy decoding length (ConfGuard: 50)")
     locked_fraction: float = option(0.05, "model-level rule: flagged when more than this fraction of clean prompts "
