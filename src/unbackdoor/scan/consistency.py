@@ -11,8 +11,8 @@ consecutive-layer inconsistency, ``mean over pairs of (1 - cos(h_l, h_l+1))`` ov
   their median, in robust sigmas (``stats.robust_tail_z``). A clean set carries no trigger, so this
   can only see a backdoor that leaks into clean prompts; the zoo measures whether it does. Clean
   models' scores are not small (the tiny world's task families give a bimodal clean distribution,
-  tail z ~27 on the clean pretrained model), so the verdict needs a null: it is ``p < alpha`` against
-  clean models of the same family, and no verdict without one.
+  tail z ~27 on the clean pretrained model), so the verdict needs a null: flagged above the ``1 - alpha``
+  quantile of clean models of the same family (``stats.calibrated_threshold``), no verdict without one.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from ..core.config import check, check_positive, option
 from ..core.defense import Needs
 from ..core.errors import DataError
 from .spec import ScannerSpec, ScanResult
-from .stats import empirical_p_value, null_quantile, robust_tail_z
+from .stats import calibrated_threshold, empirical_p_value, robust_tail_z
 
 
 @dataclass
@@ -37,8 +37,8 @@ class ConsistencyScanConfig:
     input_fpr: float = option(0.05, "runtime filter: flag inputs above the (1 - this) quantile of the clean scores")
     tail_quantile: float = option(0.95, "model level: the quantile of the clean scores whose distance from the "
                                         "median is the score")
-    alpha: float = option(0.05, "model level: flagged when the score's p-value against clean models is below this "
-                                "(no verdict without a null)")
+    alpha: float = option(0.05, "model level: flagged above the (1 - alpha) quantile of clean models' scores (above "
+                                "all of them when fewer than 1/alpha - 1 are known; no verdict without a null)")
     max_prompts: int = option(200, "clean prompts scanned (the first N)")
     batch_size: int = option(16, "prompts per forward pass")
     template: str = option("alpaca", "prompt template, the one the model was trained with")
@@ -82,17 +82,19 @@ def score_prompts(model: Any, records: Sequence[Mapping[str, Any]], cfg: Consist
 
 def scan_consistency(model: Any, clean: Sequence[Mapping[str, Any]], cfg: ConsistencyScanConfig | None = None, *,
                      tokenizer: Any, seed: int = 0, null: Sequence[float] | None = None) -> ScanResult:
-    """Model level: the clean scores' robust tail z, judged against a null (p < alpha); input level: the clean
-    scores' ``1 - input_fpr`` quantile."""
+    """Model level: the clean scores' robust tail z, judged against a null of clean models; input level: the
+    clean scores' ``1 - input_fpr`` quantile."""
     cfg = cfg or ConsistencyScanConfig()
     records = list(clean[: cfg.max_prompts])
     scores = score_prompts(model, records, cfg, tokenizer=tokenizer)
     tail = robust_tail_z(scores, cfg.tail_quantile)
     p = empirical_p_value(tail, null) if null else None
+    cut = calibrated_threshold(null, cfg.alpha) if null else float("nan")
+    status = "ok" if null else "uncalibrated: no null distribution of clean models like this one (pass --null)"
+    if null and len(null) + 1 < 1 / cfg.alpha:
+        status = f"calibrated on {len(null)} clean models: flagged only above all of them (FPR ~1/{len(null) + 1})"
     return ScanResult(
-        "consistency", "lm", verdict=None if p is None else p < cfg.alpha, score=tail,
-        threshold=null_quantile(null, 1 - cfg.alpha) if null else float("nan"),
-        status="ok" if null else "uncalibrated: no null distribution of clean models like this one (pass --null)",
+        "consistency", "lm", verdict=None if p is None else tail > cut, score=tail, threshold=cut, status=status,
         p_value=p, null={"n": len(null)} if null else None,
         input_threshold=float(np.quantile(scores, 1 - cfg.input_fpr)),
         evidence={"clean_prompts": len(records), "clean_scores": scores, "clean_median": float(np.median(scores)),

@@ -42,6 +42,21 @@ def null_quantile(null: Sequence[float], q: float) -> float:
     return float(np.quantile(ref, q))
 
 
+def calibrated_threshold(null: Sequence[float], alpha: float) -> float:
+    """The score above which a model is flagged at false-positive rate ~``alpha`` against clean models.
+
+    With enough clean models (``n >= 1/alpha - 1``) the ``1 - alpha`` quantile of the null; with fewer, no
+    quantile can reach ``alpha`` (the smallest p-value is ``1/(n+1)``), so the rule is "above every clean
+    model": the null's maximum, a false-positive rate of about ``1/(n+1)``.
+    """
+    ref = _finite(null, "null distribution")
+    if ref.size == 0:
+        raise DataError("empty null distribution", where="calibrated_threshold", fix="calibrate on some clean models")
+    if ref.size + 1 >= 1.0 / alpha:
+        return float(np.quantile(ref, 1.0 - alpha))
+    return float(ref.max())
+
+
 def auroc(positives: Sequence[float], negatives: Sequence[float]) -> float:
     """P(score of a random positive > score of a random negative), ties counting 1/2 (NaN if a side is empty)."""
     pos, neg = _finite(positives, "positive scores"), _finite(negatives, "negative scores")
@@ -100,4 +115,4 @@ def robust_tail_z(values: Sequence[float], q: float = 0.95) -> float:
     return float((np.quantile(arr, q) - med) / (1.4826 * mad))
 
 
-__all__ = ["auroc", "detection_rates", "empirical_p_value", "null_quantile", "robust_tail_z", "roc_curve"]
+__all__ = ["auroc", "calibrated_threshold", "detection_rates", "empirical_p_value", "null_quantile", "robust_tail_z", "roc_curve"]
