@@ -252,10 +252,40 @@ def retune_sensitivity(cache: Path, defended: Path, seed: int, attack_name: str,
                   flush=True)
 
 
+def scan_defended(defended: Path) -> None:
+    """The ULRL scanner on every defended model of the re-activation table: does a purified model still look
+    backdoored, and does that agree with the retuning attack? (``results/scan/classify-defended.json``)"""
+    from unbackdoor.classify.data import stratified_subset
+    from unbackdoor.classify.model_io import load_classifier
+    from unbackdoor.core.reactivation import FILE
+    from unbackdoor.core.runs import read_json
+    from unbackdoor.scan.ulrl import scan_ulrl
+
+    out = RESULTS / "scan" / "classify-defended.json"
+    done = json.loads(out.read_text()) if out.is_file() else {"rows": []}
+    seen = {(r["attack"], r["defense"], r["seed"]) for r in done["rows"]}
+    for f in sorted(defended.glob(f"*/*/seed*/{FILE}")):
+        run = f.parent
+        attack, defense, seed = run.parent.parent.name, run.parent.name, int(run.name[4:])
+        if (attack, defense, seed) in seen:
+            continue
+        train, _ = tiny_world(seed)
+        clean = train.subset(stratified_subset(train, TINY.clean_count, seed))
+        res = scan_ulrl(load_classifier(run / "model"), clean, seed=seed)
+        summary = read_json(f)["summary"]
+        done["rows"].append({"attack": attack, "defense": defense, "seed": seed, "score": res.score,
+                             "verdict": res.verdict, "target": res.target,
+                             "asr_defended": summary["defended"]["asr_before"],
+                             "asr_after_retune": summary["defended"]["asr_after"]})
+        atomic_write_json(out, done)
+        print(f"{attack} {defense} seed {seed}: {res.line()}; ASR {summary['defended']['asr_before']:.3f}, after "
+              f"retuning {summary['defended']['asr_after']:.3f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["train", "list", "scan", "summarize", "retune", "retune-summary",
-                                        "retune-sensitivity"])
+                                        "retune-sensitivity", "scan-defended"])
     ap.add_argument("--poisoned", nargs="+", type=int, default=[20, 50], help="retune-sensitivity: poisoned counts")
     ap.add_argument("--defenses", nargs="+", default=["ft", "fp", "ulrl", "ulrl-kept"],
                     help="retune-sensitivity: defended runs to retune")
@@ -279,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         from zoo_summary import summarize_classify
 
         summarize_classify(RESULTS / "scan" / "classify-zoo", RESULTS / "scan", ROOT / "docs" / "img")
+        return 0
+    if a.command == "scan-defended":
+        scan_defended(ROOT / "runs" / "zoo" / "classify" / "defended")
         return 0
     if a.command == "retune-sensitivity":
         retune_sensitivity(a.cache, ROOT / "runs" / "zoo" / "classify" / "defended", a.seeds[0], a.attacks[0],
