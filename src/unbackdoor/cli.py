@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lm": ("unbackdoor.lm.cli", "generative LMs: tiny world, poison, attack, defend (CROW, finetune), evaluate"),
     "classify": ("unbackdoor.classify.cli", "classifiers: tiny world, poison, attack, defend (ULRL, FT, FP, NAD), "
                                             "evaluate"),
+    "scan": ("unbackdoor.scan.cli", "is a model backdoored? verdict, suspected target, calibrated score (ULRL, "
+                                    "layer consistency, ConfGuard scanners)"),
     "report": ("unbackdoor.report", "run folders -> HTML + Markdown report with plots"),
     "sweep": ("unbackdoor.sweep", "run a tiny-world pipeline over seeds/attacks and aggregate"),
     "demo": ("unbackdoor.demo", "the end-to-end demo on the tiny worlds (CPU, a few minutes)"),

@@ -36,6 +36,9 @@ def register(subparsers: Any) -> None:
     _attack(sub)
     _defend(sub)
     _evaluate(sub)
+    from .reactivation_cli import add_retune_command  # issue 18: the re-activation test
+
+    add_retune_command(sub)
 
 
 def _data_help() -> str:
@@ -298,6 +301,9 @@ def _defend(sub: Any) -> None:
     _text_flags(p)
     spec = CLASSIFY_DEFENSES.get(method if method in CLASSIFY_DEFENSES else "ulrl")
     add_config_options(p, spec.config, title=f"{spec.name} settings ({spec.config.__name__})")
+    from ..core.reactivation import add_reactivate_flags  # issue 18
+
+    add_reactivate_flags(p)
     p.set_defaults(func=_cmd_defend)
 
 
@@ -317,6 +323,9 @@ def _cmd_defend(a: argparse.Namespace) -> int:
     print(f"defended model -> {run / 'model'}")
     for warning in metrics.get("warnings", []):
         print(f"WARNING: {warning}")
+    from ..core.reactivation import reactivate_after_defend  # issue 18: --reactivate
+
+    reactivate_after_defend(a, run, api.retune_classifier)
     return 0
 
 

@@ -56,6 +56,9 @@ def register(subparsers: Any) -> None:
     _attack(sub)
     _defend(sub)
     _evaluate(sub)
+    from .reactivation_cli import add_retune_command  # issue 18: the re-activation test
+
+    add_retune_command(sub)
 
 
 def _poison_flags(p: argparse.ArgumentParser) -> None:
@@ -256,6 +259,9 @@ def _defend(sub: Any) -> None:
     _poison_flags(p)
     kw = {"groups": _trainer_groups(chosen.config), "skip": TRAINER_SKIP} if _is_trainer_config(chosen.config) else {}
     add_config_options(p, chosen.config, title=f"{chosen.name} settings ({chosen.config.__name__})", **kw)
+    from ..core.reactivation import add_reactivate_flags  # issue 18
+
+    add_reactivate_flags(p)
     p.set_defaults(func=_cmd_defend)
 
 
@@ -298,6 +304,9 @@ def _cmd_defend(a: argparse.Namespace) -> int:
     if metrics["before"]:
         print(json.dumps({"before": metrics["before"], "after": metrics["after"]}, indent=1))
     print(f"run folder: {run}\nmodel:      {run / 'model'}")
+    from ..core.reactivation import reactivate_after_defend  # issue 18: --reactivate
+
+    reactivate_after_defend(a, run, api.retune_lm)
     return 0
 
 

@@ -14,13 +14,14 @@ from ..core.errors import DataError
 from ..core.paths import MARKER_KEY
 from ..core.runs import atomic_write_json, atomic_write_text
 from ..core.stats import fmt_mean_std
-from . import plots
+from . import plots, reactivation
 from .collect import (CONFIDENCE, GroupSummary, RunRecord, backdoored_baseline, find_run_dirs, load_run, scenarios,
                       summarise)
 from .evidence import class_label, class_names, example_rows, measurement_warnings, rate_metrics
 from .exports import examples_csv, write_table
 from .layer_cosine import describe, summarise_profiles
 from .render import Examples, Image, Para, Section, Table, render_html, render_markdown
+from .scans import scan_section
 
 log = logging.getLogger("unbackdoor.report")
 
@@ -147,10 +148,17 @@ def scenario_table(key: tuple[str, str, str], groups: list[GroupSummary], digits
         sec_text = "n/a" if not sec or math.isnan(sec.get("mean", float("nan"))) else f"{sec['mean']:.0f}"
         rows.append([g.defense] + ([g.settings_text] if with_settings else []) + [", ".join(map(str, g.seeds))]
                     + [_cell(g.after, k, len(g.seeds), digits) for k, _, _ in cols] + [sec_text])
+    retune = reactivation.column(groups, digits)  # issue 18: post-retuning ASR, when runs have reactivation.json
+    if retune is not None:
+        header.insert(-1, retune[0])
+        rows[0].insert(-1, retune[1])
+        for row, cell in zip(rows[1:], retune[2]):
+            row.insert(-1, cell)
     caption = (f"One seed: its value with the {CONFIDENCE:.0%} Wilson interval over the n test inputs (rates only). "
                f"Several seeds: mean ± sample std over seeds, below it the {CONFIDENCE:.0%} Student-t interval of the "
                f"mean over seeds. (n=k): only k seeds gave a number; ↓ lower is better, ↑ higher is better; "
                f"seconds: defense wall time per run (mean)."
+               + (" " + retune[3] if retune is not None else "")
                + (" settings: what sets runs of the same defense apart (config values that differ, or the preset)."
                   if with_settings else ""))
     return Table(header, rows, caption, name=_slug(*key)), notes
@@ -286,6 +294,12 @@ def _scenario_sections(key: tuple[str, str, str], groups: list[GroupSummary], ou
                                     "falls to the threshold."
                                     + (f" Seeds {', '.join(map(str, missed))} never reached it: their neuron scores "
                                        "come from a partly unlearned model." if missed else "")))
+    png = reactivation.plot(groups, f"{kind}: {name}: ASR during the retuning attack", out / f"reactivation_{_slug(*key)}.png")
+    if png is not None:  # issue 18: the re-activation test
+        images.append(png)
+        sec.blocks.append(Image(png, f"re-activation {name}", "ASR while the retuning attack finetunes each model on a "
+                                "few poisoned samples among clean ones (mean over seeds). A removed backdoor stays near "
+                                "the clean model's line; a hidden one climbs towards the backdoored model's."))
     runs = [ex for g in groups for r in g.runs
             if (ex := example_rows(r, f"{g.label}, seed {r.seed}", warnings)) is not None]
     if runs:
@@ -359,6 +373,10 @@ def build_report(paths: Iterable[str | Path], out_dir: str | Path, config: Repor
         sections.append(top)
         for key in keys:
             sections += _scenario_sections(key, by_scenario[key], out, cfg, warnings, images)
+    scans = scan_section(paths, out, cfg.digits)  # issue 18: scan folders under the same paths
+    if scans is not None:
+        sections.append(scans[0])
+        images += scans[1]
     if warnings:
         sections.append(Section("Warnings", [Para(w) for w in warnings]))
     sections.append(Section("Runs", [Table(["kind", "attack", "task", "defense", "settings", "seed", "folder"],
