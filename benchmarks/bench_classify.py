@@ -145,13 +145,17 @@ def defense_costs(budget: str, repeats: int, device: torch.device, smoke: bool =
     model.to(device)
     runs: dict[str, Any] = {}
     for name, spec in CLASSIFY_DEFENSES.items():
-        over = {**spec.budget(budget), **({"min_clean_per_class": 1} if smoke and "min_clean_per_class" in
-                                             spec.config.__dataclass_fields__ else {})}
+        over = spec.budget(budget)
+        if smoke:  # one unit of every growing phase: the code paths, in seconds
+            over.update({knob: 1 for knob in PHASE_KNOBS.get(name, {}).values()})
+            if "min_clean_per_class" in spec.config.__dataclass_fields__:
+                over["min_clean_per_class"] = 1
         runs[name] = (spec, spec.make_config(overrides=over), spec.make_config())
     times: dict[str, list[float]] = {k: [] for k in runs}
     phases: dict[str, list[dict[str, float]]] = {k: [] for k in runs}
     ft_spec = CLASSIFY_DEFENSES.get("ft")
-    ft_spec.run(model, clean, ft_spec.make_config(overrides={"epochs": 1}), None, num_classes=10, seed=0)  # warm-up
+    ft_spec.run(model, clean, ft_spec.make_config(overrides={"epochs": 1, "min_clean_per_class": 1}), None,
+                num_classes=10, seed=0)  # warm-up
     for _ in range(repeats):  # interleaved, so a noisy neighbour slows every defense alike
         for name, (spec, cfg, _paper) in runs.items():
             t0 = time.perf_counter()
