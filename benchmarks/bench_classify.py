@@ -1,4 +1,5 @@
-"""Item 3: ULRL against FT, FP and NAD, wall time per phase at equal epochs and clean data.
+"""Item 3: ULRL against FT, FP and NAD, wall time per phase at equal epochs and clean data; every defense's cost
+relative to FT.
 
 Every defense runs through the library's own entry point (``run_ulrl``, ``run_ft``, ``run_fp``,
 ``run_nad``) on the same model and the same clean subset (an ``ImageData``, so the library's
@@ -11,6 +12,9 @@ from the measured per-epoch times.
 ``as_run`` times the defenses as a user runs them, on the shipped backdoored tiny-world model
 (BadNets, seed 0) and its 500-image clean subset: ULRL with its stopping rule (paper recipe and
 ``kept``) against FT with as many epochs as ULRL relearns, interleaved, medians over repeats.
+
+``defense_costs`` runs every registered defense (CLASSIFY_DEFENSES) at its own tiny-world budget on
+the same model and clean subset, interleaved with FT, and projects each to its paper budget.
 """
 from __future__ import annotations
 
@@ -108,6 +112,79 @@ def as_run(epochs: int, repeats: int, device: torch.device) -> dict[str, Any]:
             "ulrl_kept_over_ft": round(ratio(med["ulrl-kept"], med["ft"]), 3)}
 
 
+PHASE_KNOBS: dict[str, dict[str, str]] = {
+    "ft": {"train": "epochs"}, "fp": {"train": "epochs"}, "nad": {"teacher": "teacher_epochs", "train": "epochs"},
+    "clp": {}, "anp": {"masks": "iterations"}, "i-bau": {"unlearn": "rounds"}, "rnp": {"recover": "recover_epochs"},
+    "fst": {"train": "epochs"}, "sau": {"unlearn": "rounds"}, "ulrl": {"relearn": "relearn_epochs"},
+}
+"""Which phase of each defense grows with which config field: the projection to the paper budget scales
+that phase's measured seconds by paper value / benchmark value. Other phases (pruning, ULRL's and RNP's
+unlearning, which stop by their own rule) are taken as measured."""
+
+
+def defense_costs(budget: str, repeats: int, device: torch.device, smoke: bool = False) -> dict[str, Any]:
+    """Every registered defense at its own ``budget`` on one model and clean subset, interleaved, against FT.
+
+    Seconds are medians over ``repeats``; ``over_ft`` divides by FT's median at the same budget;
+    ``projected_paper_s`` scales the phases of :data:`PHASE_KNOBS` to the paper budget, and
+    ``projected_over_ft`` divides by FT's projection (FT 20 epochs).
+    """
+    import statistics
+
+    from unbackdoor.classify.data import stratified_subset
+    from unbackdoor.classify.defenses import CLASSIFY_DEFENSES
+    from unbackdoor.classify.testbed import TINY, tiny_backdoored, tiny_world
+
+    if smoke:  # a random-init model and 40 images: checks the code paths only
+        model, clean, what = _model("tiny", 0), clean_subset(40), "random-init tiny model, 40 images"
+    else:
+        train, test = tiny_world(0)
+        clean = train.subset(stratified_subset(train, TINY.clean_count, 0))
+        model, _ = tiny_backdoored("badnets", 0, data=(train, test))
+        what = f"shipped tiny-world BadNets seed 0, {TINY.clean_count} clean images"
+    model.to(device)
+    runs: dict[str, Any] = {}
+    for name, spec in CLASSIFY_DEFENSES.items():
+        over = spec.budget(budget)
+        if smoke:  # one unit of every growing phase: the code paths, in seconds
+            over.update({knob: 1 for knob in PHASE_KNOBS.get(name, {}).values()})
+            if "min_clean_per_class" in spec.config.__dataclass_fields__:
+                over["min_clean_per_class"] = 1
+        runs[name] = (spec, spec.make_config(overrides=over), spec.make_config())
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    phases: dict[str, list[dict[str, float]]] = {k: [] for k in runs}
+    ft_spec = CLASSIFY_DEFENSES.get("ft")
+    ft_spec.run(model, clean, ft_spec.make_config(overrides={"epochs": 1, "min_clean_per_class": 1}), None,
+                num_classes=10, seed=0)  # warm-up
+    for _ in range(repeats):  # interleaved, so a noisy neighbour slows every defense alike
+        for name, (spec, cfg, _paper) in runs.items():
+            t0 = time.perf_counter()
+            _, report = spec.run(model, clean, cfg, None, num_classes=10, seed=0)
+            times[name].append(time.perf_counter() - t0)
+            phases[name].append(dict(report.timings))
+    out: dict[str, Any] = {"budget": budget, "repeats": repeats, "model": what, "defenses": {}}
+    for name, (spec, cfg, paper) in runs.items():
+        med = statistics.median(times[name])
+        ph = {k: statistics.median(p.get(k, 0.0) for p in phases[name]) for k in phases[name][0]}
+        projected = med
+        for phase, knob in PHASE_KNOBS.get(name, {}).items():
+            if phase in ph and getattr(cfg, knob):
+                projected += ph[phase] * (getattr(paper, knob) / getattr(cfg, knob) - 1)
+        knobs = set(PHASE_KNOBS.get(name, {}).values()) | {"min_clean_per_class"}
+        differs = {k: [getattr(cfg, k), getattr(paper, k)] for k in spec.config.__dataclass_fields__
+                   if k not in knobs and getattr(cfg, k) != getattr(paper, k)}
+        out["defenses"][name] = {"median_s": round(med, 3), "phases_s": {k: round(v, 3) for k, v in ph.items()},
+                                 "other_differences": differs,
+                                 "settings": {k: getattr(cfg, k) for k in PHASE_KNOBS.get(name, {}).values()},
+                                 "paper_settings": {k: getattr(paper, k) for k in PHASE_KNOBS.get(name, {}).values()},
+                                 "projected_paper_s": round(projected, 3)}
+    ft = out["defenses"]["ft"]
+    for d in out["defenses"].values():
+        d["over_ft"] = round(ratio(d["median_s"], ft["median_s"]), 3)
+        d["projected_over_ft"] = round(ratio(d["projected_paper_s"], ft["projected_paper_s"]), 3)
+    return out
+
+
 def run(size: str, device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     s = {"smoke": dict(models={"tiny": dict(n=40, epochs=1, bs=16)}),
          "quick": dict(models={"tiny": dict(n=500, epochs=2, bs=128), "preactresnet18": dict(n=256, epochs=1, bs=128)}),
@@ -129,4 +206,7 @@ def run(size: str, device: torch.device = torch.device("cpu")) -> dict[str, Any]
     ar = {"smoke": None, "quick": dict(epochs=5, repeats=1), "full": dict(epochs=20, repeats=3)}[size]
     if ar:
         out["as_run"] = as_run(ar["epochs"], ar["repeats"], device)
+    rel = {"smoke": dict(budget="smoke", repeats=1), "quick": dict(budget="smoke", repeats=1),
+           "full": dict(budget="demo", repeats=2)}[size]
+    out["relative_to_ft"] = defense_costs(rel["budget"], rel["repeats"], device, smoke=size == "smoke")
     return out

@@ -200,6 +200,18 @@ def render(res: dict[str, Any], notes: str | Path | None = None) -> str:
                   f"{ar['repeats']} interleaved repeats): ULRL {_f(ar['median_s']['ulrl'], 2)} s, ULRL kept "
                   f"{_f(ar['median_s']['ulrl-kept'], 2)} s, FT {_f(ar['median_s']['ft'], 2)} s; ULRL / FT = "
                   f"**{_f(ar['ulrl_over_ft'])}** (paper), **{_f(ar['ulrl_kept_over_ft'])}** (kept).", ""]
+    rel = (cl or {}).get("relative_to_ft")
+    if rel:
+        L += [f"**Every defense against FT** ({rel['model']}; each at its `{rel['budget']}` budget, medians of "
+              f"{rel['repeats']} interleaved repeats; `projected` scales the phase that grows with the budget to "
+              "the paper's settings, other phases as measured):", ""]
+        rows = [[name, ", ".join([f"{k} {v}" for k, v in d["settings"].items()] +
+                                 [f"{k} {a} (paper {b})" for k, (a, b) in d.get("other_differences", {}).items()]) or "-",
+                 _f(d["median_s"], 2),
+                 _f(d["over_ft"]), ", ".join(f"{k} {v}" for k, v in d["paper_settings"].items()) or "-",
+                 _f(d["projected_paper_s"], 1), f"**{_f(d['projected_over_ft'])}**"]
+                for name, d in rel["defenses"].items()]
+        L += [_table(["defense", "budget", "s", "/ FT", "paper budget", "projected s", "projected / FT"], rows), ""]
     pl = s.get("pipeline")
     if pl:
         L += ["## 4. Input pipeline", "",

@@ -74,7 +74,8 @@ def run(seeds: list[int], attacks: list[str], defenses: list[str], out: Path, ca
                 method, cfg, preset = defense_spec(name)
                 _, metrics = defend_loaded(path, model, clean, clean_idx.tolist(), method, cfg, preset=preset,
                                            test=test, attack=attack, seed=seed, name=name, before=before,
-                                           triggered=triggered, model_meta=meta, overwrite=force)
+                                           triggered=triggered, model_meta=meta, overwrite=force,
+                                           clean_pool=len(train))
                 print(format_table([metrics]).splitlines()[-1], flush=True)
 
 
@@ -94,6 +95,8 @@ def collect(seeds: list[int], attacks: list[str], defenses: list[str], out: Path
                 rec = {k: m["after"][k] for k in METRICS}
                 rec["seed"] = seed
                 rec["seconds"] = m["seconds"]
+                if m.get("peak_memory_mib") is not None:  # runs written before memory was recorded lack it
+                    rec["peak_memory_mib"] = m["peak_memory_mib"]
                 records.append(rec)
                 if all(b["seed"] != seed for b in backdoored):  # the same backdoored model for every defense
                     backdoored.append({"seed": seed, **{k: m["before"][k] for k in METRICS if k in m["before"]}})
@@ -106,7 +109,8 @@ def collect(seeds: list[int], attacks: list[str], defenses: list[str], out: Path
                 result["settings"].setdefault("configs", {})[name] = read_json(path / "config.json")["config"]
             if records:
                 per_defense[name] = {"seeds": [r["seed"] for r in records], "per_seed": records,
-                                     "aggregate": aggregate([{k: r[k] for k in (*METRICS, "seconds")} for r in records])}
+                                     "aggregate": aggregate([{k: r[k] for k in (*METRICS, "seconds", "peak_memory_mib")
+                                                              if k in r} for r in records])}
                 if selections:
                     per_defense[name]["selection"] = selections
         result["attacks"][attack] = {"backdoored": {"per_seed": backdoored,
@@ -116,6 +120,7 @@ def collect(seeds: list[int], attacks: list[str], defenses: list[str], out: Path
     result["settings"].update({
         "tiny_world": to_dict(TINY), "attack_defaults": "all-to-one, target 0, 10% poisoned (BackdoorBench)",
         "clean_subset": f"{TINY.clean_count} class-stratified training images per seed, shared by every defense",
+        "clean_budget": {"clean_samples": TINY.clean_count, "clean_fraction": TINY.clean_count / TINY.n_train},
         "seeds": seeds, "environment": environment(None),
         "command": "python scripts/efficacy_classify.py " + " ".join(sys.argv[1:]),
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -128,18 +133,19 @@ def markdown(result: dict) -> str:
     for attack, block in result["attacks"].items():
         seeds = block["backdoored"]["aggregate"].get("acc", {}).get("n", 0)
         lines.append(f"#### {attack} (mean ± std over {seeds} seeds)\n")
-        lines.append("| model | ACC | ASR | RA | target recall | DER | seconds | target selected |")
-        lines.append("|---|---|---|---|---|---|---|---|")
+        lines.append("| model | ACC | ASR | RA | target recall | DER | seconds | peak MiB | target selected |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         agg = block["backdoored"]["aggregate"]
         cell = lambda a, k: fmt_mean_std(a[k]["mean"], a[k]["std"]) if k in a else "n/a"  # noqa: E731
         lines.append(f"| backdoored | {cell(agg, 'acc')} | {cell(agg, 'asr')} | {cell(agg, 'ra')} | "
-                     f"{cell(agg, 'target_recall')} | | | |")
+                     f"{cell(agg, 'target_recall')} | | | | |")
         for name, d in block["defenses"].items():
             a = d["aggregate"]
             sel = d.get("selection")
             hit = f"{sum(s['target_in_selected'] for s in sel)}/{len(sel)}" if sel else ""
+            mem = f"{a['peak_memory_mib']['mean']:.0f}" if "peak_memory_mib" in a else "n/a"
             lines.append(f"| {name} | {cell(a, 'acc')} | {cell(a, 'asr')} | {cell(a, 'ra')} | "
-                         f"{cell(a, 'target_recall')} | {cell(a, 'der')} | {a['seconds']['mean']:.0f} | {hit} |")
+                         f"{cell(a, 'target_recall')} | {cell(a, 'der')} | {a['seconds']['mean']:.0f} | {mem} | {hit} |")
         lines.append("")
         lines.append("Per seed (ACC / ASR / target recall):\n")
         for name, d in block["defenses"].items():

@@ -50,6 +50,9 @@ def test_runner_smoke_writes_results_json_and_markdown(tmp_path: Path) -> None:
     for name in ("ulrl", "ft", "fp", "nad"):
         assert res["sections"]["classify"]["tiny"][name]["total_s"] > 0
     assert {"unlearn", "select", "relearn"} <= set(res["sections"]["classify"]["tiny"]["ulrl"]["phases_s"])
+    relative = res["sections"]["classify"]["relative_to_ft"]["defenses"]
+    assert {"ft", "anp", "i-bau", "rnp", "fst", "sau", "clp"} <= set(relative)
+    assert all(_number(d["over_ft"]) and _number(d["projected_over_ft"]) for d in relative.values())
     assert _number(res["sections"]["pipeline"]["tiny"]["end_to_end_over_compute"])
     gpu = res["sections"]["gpu"]
     assert "skipped" in gpu or gpu["cases"]

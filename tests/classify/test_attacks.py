@@ -15,6 +15,9 @@ from unbackdoor.classify.attacks.sig import SIG
 from unbackdoor.classify.attacks.wanet import WaNet
 
 ATTACKS = IMAGE_ATTACKS.names()
+CHEAP = {"lf": {"surrogate_epochs": 1, "lf_iterations": 5}, "lc": {"surrogate_epochs": 1},
+         "trojannn": {"surrogate_epochs": 1, "trojan_iterations": 10}, "inputaware": {"ia_mask_epochs": 1, "ia_epochs": 1}}
+"""Fitted attacks at a few steps: their properties are tested at length in test_fitted_attacks.py."""
 from unbackdoor.classify.data import ImageData, to_float
 from unbackdoor.core.errors import ConfigError
 
@@ -25,9 +28,9 @@ def _changed(a: ImageData, b: ImageData) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_poisoning_is_exact_in_count_and_deterministic_from_the_seed(random_images, name):
-    cfg = attack_config(name, rate=0.05, seed=3)
+    cfg = attack_config(name, rate=0.05, seed=3, **CHEAP.get(name, {}))
     r1, r2 = poison_full(random_images, cfg), poison_full(random_images, cfg)
-    other = poison_full(random_images, attack_config(name, rate=0.05, seed=4))
+    other = poison_full(random_images, attack_config(name, rate=0.05, seed=4, **CHEAP.get(name, {})))
     assert len(r1.poisoned) == 5
     assert torch.equal(r1.data.images, r2.data.images) and torch.equal(r1.poisoned, r2.poisoned)
     assert not torch.equal(r1.poisoned, other.poisoned)
@@ -122,9 +125,12 @@ def test_bpp_squeezes_to_eight_levels_with_error_diffusion(random_images):
 
 
 def test_triggered_test_set_keeps_true_labels_of_non_target_images(tiny_world_small):
-    _, test = tiny_world_small
+    train, test = tiny_world_small
     for name in ATTACKS:
-        trig = triggered_test_set(test, attack_config(name, target=0))
+        cfg = attack_config(name, target=0, **CHEAP.get(name, {}))
+        if build_attack(cfg).stateful:  # a fitted trigger exists only after poisoning (test_fitted_attacks.py)
+            cfg = poison_full(train, cfg).config
+        trig = triggered_test_set(test, cfg)
         assert len(trig) == int((test.labels != 0).sum())
         assert torch.equal(trig.labels, test.labels[test.labels != 0])
         assert not torch.equal(trig.images, test.images[test.labels != 0])

@@ -24,11 +24,13 @@ from ..core.defense import resolve_defense as core_resolve
 from ..core.errors import ConfigError, DataError
 from ..core.model_card import write_model_card
 from ..core.paths import MARKER_KEY, check_outputs, output_path
+from ..core.resources import PeakMemory
 from ..core.runs import atomic_write_json, staged_run
 from ..core.seeds import set_seed
 from .attacks import AttackConfig, attack_config_from_dict, attack_targets, build_attack, poison_full
 from .data import ImageData, stratified_subset
 from .defenses import CLASSIFY_DEFENSES
+from .batching import model_device
 from .evaluate import evaluate_attack, with_der
 from .model_io import load_model, save_model
 from . import models
@@ -81,12 +83,14 @@ def defend_loaded(out: str | Path, model: nn.Module, clean: ImageData, clean_ind
                   preset: str | None = None, before: tuple[dict[str, Any], dict[str, Any]] | None = None,
                   triggered: ImageData | None = None, model_meta: dict[str, Any] | None = None,
                   sources: dict[str, Any] | None = None, inputs: Sequence[str | Path | None] = (),
-                  overwrite: bool = False, name: str | None = None) -> tuple[Path, dict[str, Any]]:
+                  overwrite: bool = False, name: str | None = None,
+                  clean_pool: int | None = None) -> tuple[Path, dict[str, Any]]:
     """One complete run folder: config, env, clean indices, threat model, timings, metrics, predictions, model.
 
     ``test``/``attack`` (optional) measure the model before and after; ``before`` (metrics,
     predictions) reuses a measurement of the same model. ``sources`` are recorded as where the
-    model and data came from; ``inputs`` are the paths the output may not touch.
+    model and data came from; ``inputs`` are the paths the output may not touch. ``clean_pool`` (the
+    size of the set the clean subset was drawn from) records the budget as a fraction too.
     """
     spec, cfg, preset = resolve_defense(method, cfg, preset=preset)
     name = name or (f"{spec.name}-{preset}" if preset and preset != "paper" else spec.name)
@@ -97,8 +101,10 @@ def defend_loaded(out: str | Path, model: nn.Module, clean: ImageData, clean_ind
         run.start(cfg, seed, "classify-defense", command=COMMAND_DEFEND, method=spec.name, preset=preset,
                   sources=sources or {})
         run.write_indices(clean_indices)
+        budget = {"clean_pool": clean_pool, "clean_fraction": round(len(clean_indices) / clean_pool, 6)} \
+            if clean_pool else {}
         write_threat_model(run, spec, clean_samples=len(clean_indices), clean_source=(sources or {}).get("clean"),
-                           test_seen_by_defense=False)
+                           test_seen_by_defense=False, **budget)
         run.write_json("data.json", {"clean": {"name": clean.name, "samples": len(clean),
                                                "class_counts": clean.class_counts().tolist()},
                                      "test": {"name": test.name, "samples": len(test)} if test is not None else None,
@@ -113,7 +119,8 @@ def defend_loaded(out: str | Path, model: nn.Module, clean: ImageData, clean_ind
             with run.phase("evaluate_before"):
                 before = evaluate_attack(model, test, attack, triggered, with_predictions=True)
         num_classes = test.num_classes if test is not None else clean.num_classes
-        defended, report = run_defense(model, clean, spec, cfg, run, seed=seed, num_classes=num_classes)
+        with PeakMemory(model_device(model)) as memory:
+            defended, report = run_defense(model, clean, spec, cfg, run, seed=seed, num_classes=num_classes)
         seconds = sum(v for k, v in run.timings.items() if not k.startswith("evaluate"))
         after_m: dict[str, Any] = {}
         before_m: dict[str, Any] = {}
@@ -139,7 +146,8 @@ def defend_loaded(out: str | Path, model: nn.Module, clean: ImageData, clean_ind
         metrics = defense_metrics(kind="classify", defense=name, variant=preset, attack=attack.name if attack else None,
                                   seed=seed, before=before_m, after=after_m, seconds=seconds,
                                   clean_samples=len(clean_indices), wall_seconds=round(time.perf_counter() - t0, 3),
-                                  class_names=list(clean.class_names), n=counts, **_outcome(report))
+                                  class_names=list(clean.class_names), n=counts, **_outcome(report), **budget,
+                                  peak_memory_mib=memory.peak_mib, memory_method=memory.method)
         run.write_metrics(metrics)
     for warning in metrics.get("warnings", []):  # said last, so that it is not lost above the tables
         log.warning("%s: %s", name, warning)
@@ -217,6 +225,7 @@ def defend(model: str | Path, clean: str | Path, out: str | Path, method: str = 
     attack = attack_for(meta, attack, test_data) if test_data is not None else None
     path, _ = defend_loaded(out, net, subset, idx.tolist(), spec.name, cfg, preset=preset, test=test_data,
                             attack=attack, seed=seed, model_meta=_keep_class_names(meta, data), overwrite=overwrite,
+                            clean_pool=len(data),
                             sources={"model": str(model), "clean": str(clean), "test": str(test) if test else None,
                                      "model_format": meta.get("format")},
                             inputs=[model, *_paths(clean, test)])
@@ -259,7 +268,7 @@ def poison_data(data: str | Path, out: str | Path, attack: AttackConfig, *, over
     check_outputs([out, sidecar], _paths(data), command="classify poison", overwrite=overwrite)
     res = poison_full(dataset, attack)
     save_data(res.data, out, command="classify poison")
-    atomic_write_json(sidecar, {MARKER_KEY: "classify poison", "attack": to_dict(attack),
+    atomic_write_json(sidecar, {MARKER_KEY: "classify poison", "attack": to_dict(res.config or attack),
                                 "poisoned_indices": res.poisoned.tolist(), "noise_indices": res.noise.tolist(),
                                 "source": str(data)})
     return {"poisoned": len(res.poisoned), "samples": len(res.data), "out": out, "indices": sidecar}

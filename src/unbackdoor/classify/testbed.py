@@ -140,6 +140,7 @@ def run_tiny_world(out_dir: str | Path, *, seed: int = 0, attacks: Sequence[str]
             path, metrics = defend_loaded(out_dir / attack_name / name / f"seed{seed}", model, clean,
                                           clean_idx.tolist(), spec.name, cfg, preset=preset, test=test, attack=attack,
                                           seed=seed, before=before, triggered=triggered, model_meta=meta, name=name,
+                                          clean_pool=len(train),
                                           sources={"model": str(folder), "clean": f"tinyworld:{seed}"})
             paths[f"{attack_name}/{name}"] = path
             rows.append(metrics)

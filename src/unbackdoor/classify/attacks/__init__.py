@@ -20,6 +20,11 @@ IMAGE_ATTACKS.add("blended", "unbackdoor.classify.attacks.blended:Blended")
 IMAGE_ATTACKS.add("sig", "unbackdoor.classify.attacks.sig:SIG")
 IMAGE_ATTACKS.add("wanet", "unbackdoor.classify.attacks.wanet:WaNet")
 IMAGE_ATTACKS.add("bpp", "unbackdoor.classify.attacks.bpp:BPP")
+IMAGE_ATTACKS.add("lf", "unbackdoor.classify.attacks.lf:LF")
+IMAGE_ATTACKS.add("inputaware", "unbackdoor.classify.attacks.inputaware:InputAware", aliases=("input-aware",))
+IMAGE_ATTACKS.add("lc", "unbackdoor.classify.attacks.lc:LC")
+IMAGE_ATTACKS.add("trojannn", "unbackdoor.classify.attacks.trojannn:TrojanNN")
+IMAGE_ATTACKS.add("adapblend", "unbackdoor.classify.attacks.adapblend:AdapBlend", aliases=("adap-blend",))
 
 TEXT_ATTACKS: Registry[type[Attack]] = Registry("text attack")
 """Text-classifier attacks: the LLM triggers (``lm.poison.LM_TRIGGERS``) with label flipping (``attacks/text.py``).

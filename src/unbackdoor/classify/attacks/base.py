@@ -15,9 +15,11 @@ every label.
 """
 from __future__ import annotations
 
+import base64
+import dataclasses
 import logging
-from dataclasses import dataclass
-from typing import Callable, ClassVar, Literal
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 
@@ -57,16 +59,50 @@ class AttackConfig:
 
 
 @dataclass
+class FittedAttackConfig(AttackConfig):
+    """An attack whose trigger is fitted to the training set when poisoning (a surrogate model, a generator).
+
+    What the fit learned and the test-time trigger needs (a pattern, a generator's weights) is kept
+    in ``state`` so that every copy of the config (``model.json``, the ``.poison.json`` sidecar)
+    rebuilds the same triggered test set without the training data.
+    """
+
+    state: str | None = option(None, "what poisoning fitted (base64 safetensors), written by poisoning so the test "
+                                     "trigger can be rebuilt; never set by hand")
+
+
+def encode_state(tensors: dict[str, torch.Tensor]) -> str:
+    """Tensors -> base64 safetensors text (JSON-safe; loading it runs no code)."""
+    from safetensors.torch import save
+
+    return base64.b64encode(save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})).decode("ascii")
+
+
+def decode_state(text: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    try:
+        return load(base64.b64decode(text.encode("ascii"), validate=True))
+    except Exception as e:  # noqa: BLE001 - a corrupt or hand-edited state is reported, not raised raw
+        raise ConfigError(f"the attack's fitted state cannot be read ({type(e).__name__})", where="attack config 'state'",
+                          fix="re-poison the training set; the state is written by poisoning") from None
+
+
+@dataclass
 class PoisonResult:
     """A poisoned training set and which records were changed.
 
     ``poisoned``: backdoor samples (trigger, and target label unless clean-label);
-    ``noise``: WaNet noise-mode / BPP negative samples (modified image, label unchanged).
+    ``noise``: WaNet noise-mode / BPP negative samples (modified image, label unchanged);
+    ``config``: the attack's config as poisoning left it (with the fitted ``state``: save THIS one);
+    ``fit_info``: what fitting did (surrogate accuracy, seconds, ...), for the record.
     """
 
     data: ImageData
     poisoned: torch.Tensor
     noise: torch.Tensor
+    config: AttackConfig | None = None
+    fit_info: dict[str, Any] = field(default_factory=dict)
 
 
 def attack_targets(labels: torch.Tensor, cfg: AttackConfig, num_classes: int) -> torch.Tensor:
@@ -99,6 +135,10 @@ class Attack:
     """The attack's config class (common fields + its own knobs)."""
     modality: ClassVar[str] = "image"
     """What the attack poisons: ``image`` (ImageData) or ``text`` (TextData, ``attacks/text.py``)."""
+    fitted: ClassVar[bool] = False
+    """The trigger is fitted to the training set when poisoning: :meth:`fit` runs first."""
+    stateful: ClassVar[bool] = False
+    """What :meth:`fit` returns is needed at test time too (kept in ``cfg.state``)."""
 
     def __init__(self, cfg: AttackConfig):
         if not isinstance(cfg, self.Config):
@@ -118,6 +158,28 @@ class Attack:
                       g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Indices and images of label-preserving noise samples (WaNet, BPP); none by default."""
         return None
+
+    def fit(self, data: ImageData) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Fitted attacks: learn the trigger from the training set; ``(tensors to keep, info to record)``."""
+        raise NotImplementedError
+
+    def poison_images(self, x: torch.Tensor, labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """The TRAINING-time version of the chosen images (default: the test-time trigger :meth:`apply`)."""
+        return self.apply(x, g)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The fitted tensors kept in ``cfg.state`` (decoded once)."""
+        cached = getattr(self, "_state", None)
+        if cached is not None:
+            return cached
+        text = getattr(self.cfg, "state", None)
+        if text is None:
+            raise ConfigError(f"attack '{self.name}' has no fitted trigger yet: it is fitted to the training set "
+                              "when poisoning", where=f"attack '{self.name}' config 'state'",
+                              fix="poison the training set first (classify poison / attack), then use the config "
+                                  "it recorded (model.json or the .poison.json sidecar)")
+        self._state = decode_state(text)
+        return self._state
 
     # -- shared machinery ------------------------------------------------------------------
     def _check(self, data: ImageData) -> None:
@@ -156,6 +218,12 @@ class Attack:
                               fix=f"use rate <= {len(cand) / len(data):.4f}")
         if count == 0:
             log.warning("rate %s on %d samples poisons nothing", cfg.rate, len(data))
+        fit_info: dict[str, Any] = {}
+        if self.fitted and not (self.stateful and getattr(cfg, "state", None) is not None):
+            tensors, fit_info = self.fit(data)
+            if self.stateful:
+                self.cfg = cfg = dataclasses.replace(cfg, state=encode_state(tensors))  # a new config: input untouched
+                self._state = {k: v.detach().cpu() for k, v in tensors.items()}
         g = torch.Generator().manual_seed(int(cfg.seed))
         return torch.sort(cand[torch.randperm(len(cand), generator=g)[:count]]).values, g
 
@@ -175,7 +243,7 @@ class Attack:
         count = len(chosen)
         images, labels = data.images.clone(), data.labels.clone()
         if count:
-            images[chosen] = to_uint8(self.apply(to_float(images[chosen]), g))
+            images[chosen] = to_uint8(self.poison_images(to_float(images[chosen]), labels[chosen], g))
             if not self.clean_label:
                 labels[chosen] = attack_targets(labels[chosen], cfg, data.num_classes)
         noise_idx = torch.empty(0, dtype=torch.long)
@@ -184,7 +252,7 @@ class Attack:
             noise_idx, noise_imgs = extra
             images[noise_idx] = noise_imgs
         out = ImageData(images, labels, data.num_classes, list(data.class_names), f"{data.name}-{self.name}")
-        return PoisonResult(out, chosen, torch.sort(noise_idx).values)
+        return PoisonResult(out, chosen, torch.sort(noise_idx).values, cfg, fit_info)
 
     def triggered_test_set(self, test: ImageData) -> ImageData:
         """Test images whose true label is not the target (all of them for all2all), triggered, labels kept."""

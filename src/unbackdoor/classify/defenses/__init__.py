@@ -21,6 +21,11 @@ CLASSIFY_DEFENSES.add("ft", "unbackdoor.classify.defenses.ft:SPEC")
 CLASSIFY_DEFENSES.add("fp", "unbackdoor.classify.defenses.fp:SPEC")
 CLASSIFY_DEFENSES.add("nad", "unbackdoor.classify.defenses.nad:SPEC")
 CLASSIFY_DEFENSES.add("clp", "unbackdoor.classify.defenses.clp:SPEC")
+CLASSIFY_DEFENSES.add("anp", "unbackdoor.classify.defenses.anp:SPEC")
+CLASSIFY_DEFENSES.add("i-bau", "unbackdoor.classify.defenses.ibau:SPEC", aliases=("ibau",))
+CLASSIFY_DEFENSES.add("rnp", "unbackdoor.classify.defenses.rnp:SPEC")
+CLASSIFY_DEFENSES.add("fst", "unbackdoor.classify.defenses.fst:SPEC")
+CLASSIFY_DEFENSES.add("sau", "unbackdoor.classify.defenses.sau:SPEC")
 CLASSIFY_DEFENSES.add("ulrl", "unbackdoor.classify.defenses.ulrl:SPEC")
 
 __all__ = ["CLASSIFY_DEFENSES"]

@@ -5,17 +5,18 @@ another defense or from the evaluation: removing a backdoor must not peek at how
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...core.errors import DataError
-from ..batching import Prepare
-from ..loop import fit_sgd
+from ..batching import Prepare, as_inputs_labels, clean_batches, to_device
+from ..loop import augmentation, fit_sgd
 from ..models import find_head
 
 
@@ -83,3 +84,60 @@ class DefenseReport:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def unlearn(model: nn.Module, data: Any, *, lr: float, momentum: float, weight_decay: float,
+            milestones: tuple[int, ...], gamma: float, clip: float | None, max_epochs: int, stop_acc: float,
+            batch_size: int, augment: bool, seed: int, prepare: Prepare | None,
+            desc: str = "unlearn") -> list[dict[str, float]]:
+    """Gradient ASCENT on clean data (SGD, MultiStepLR), in place, until an epoch's running accuracy is <= ``stop_acc``.
+
+    RNP's unlearning step (ULRL took it from there); returns the per-epoch ``{"acc", "loss"}`` with the
+    loss as cross-entropy (not negated).
+    """
+    logs = fit_sgd(model, data, epochs=max_epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                   weight_decay=weight_decay, scheduler="multistep", milestones=milestones, gamma=gamma, clip=clip,
+                   augment=augment, seed=seed, loss_fn=lambda z, y: -F.cross_entropy(z, y),
+                   stop=lambda _e, lg: lg.acc <= stop_acc, prepare=prepare, desc=desc)
+    return [{"acc": lg.acc, "loss": -lg.loss} for lg in logs]
+
+
+def image_batches(data: Any, batch_size: int, seed: int, prepare: Prepare | None, augment: bool,
+                  device: torch.device) -> Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``epoch -> shuffled (inputs, labels) batches on device`` of the clean data (the defenses' own loops)."""
+    inputs, labels = as_inputs_labels(data)
+    epochs = clean_batches(inputs, labels, batch_size, seed, prepare, augmentation(augment))
+
+    def on_device(epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(to_device(x, device), y.to(device)) for x, y in epochs(epoch)]
+
+    return on_device
+
+
+def image_tensor(data: Any, method: str) -> torch.Tensor:
+    """The clean inputs as an image tensor ``[N, C, H, W]``; input-space defenses cannot perturb a dict of token ids."""
+    inputs, _ = as_inputs_labels(data)
+    if not isinstance(inputs, torch.Tensor) or inputs.ndim != 4:
+        kind = "a dict of tensors" if isinstance(inputs, dict) else f"shape {tuple(getattr(inputs, 'shape', ()))}"
+        raise DataError(f"{method} perturbs input images; the clean inputs are {kind}", where="clean data",
+                        fix=f"use {method} on image classifiers (inputs [N, C, H, W]), or another defense for text")
+    return inputs
+
+
+def checked_labels(model: nn.Module, clean_data: Any, num_classes: int | None, min_per_class: int, what: str,
+                   head: str | None = None) -> tuple[torch.Tensor, int]:
+    """The clean labels and the class count, after the checks a training defense makes before any compute:
+    a head with one output per class, labels in range, enough samples per class."""
+    _, labels = as_inputs_labels(clean_data)
+    k = num_classes_of(labels, num_classes)
+    head_of(model, k, head)
+    check_clean_data(labels, k, min_per_class, what)
+    return labels, k
+
+
+def trainable_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every parameter trainable (the input model is never modified)."""
+    out = copy.deepcopy(model)
+    for p in out.parameters():
+        p.requires_grad_(True)
+    return out
