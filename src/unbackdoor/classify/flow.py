@@ -7,7 +7,6 @@ settings are used by the evaluation alone, and the run's ``threat_model.json`` s
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -21,7 +20,7 @@ from torch import nn
 from ..core.config import to_dict
 from ..core.defense import DefenseSpec, defense_metrics, key_settings, write_threat_model
 from ..core.defense import resolve_defense as core_resolve
-from ..core.errors import ConfigError, DataError
+from ..core.errors import ConfigError
 from ..core.model_card import write_model_card
 from ..core.paths import MARKER_KEY, check_outputs, output_path
 from ..core.resources import PeakMemory
@@ -311,7 +310,6 @@ def _finetune_victim(data: str | Path, out: str | Path, attack: AttackConfig, in
     """Finetune an existing model on ``data`` poisoned by ``attack``; save it in its own format."""
     import dataclasses as dc
 
-    from ..core.runs import atomic_dir
     from .loop import fit
     from .model_formats import ModelOptions
     from .text import TextData

@@ -14,13 +14,12 @@ after any checkpoint and resumed with ``resume=True`` reaches the same final wei
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping
+from typing import Any, Callable, Iterable, Literal
 
 import torch
 import torch.nn.functional as F

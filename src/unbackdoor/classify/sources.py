@@ -14,7 +14,6 @@ import torch
 
 from ..core import safeio
 from ..core.errors import DataError
-from .data import ImageData
 
 DATA_HELP = ("tinyworld:SEED, fashion-mnist (or its IDX folder), a .safetensors image set (written by 'classify poison'), "
              "a CIFAR-10/100 python folder, a class-per-folder image tree, or text: a .json/.jsonl/.csv file (text, label) "
@@ -79,7 +78,7 @@ def _text_file(path: Path, train: bool) -> Path | None:
                 return path / f"{split}{suffix}"
         if any(is_text_file(p) for p in path.iterdir()) and not any(p.is_dir() for p in path.iterdir()):
             raise DataError(f"{path} holds text files but no {split}.json / {split}.jsonl / {split}.csv",
-                            where=str(path), fix=f"name the split files train.jsonl and test.jsonl, or pass the file itself")
+                            where=str(path), fix="name the split files train.jsonl and test.jsonl, or pass the file itself")
     return None
 
 

@@ -13,7 +13,6 @@ import ctypes
 import gc
 import os
 import threading
-import time
 from typing import Any
 
 import torch

@@ -23,7 +23,7 @@ from ..core.seeds import set_seed
 from .defenses import LM_DEFENSES
 from .evaluate import EvalConfig
 from .flow import defend_loaded, evaluation_block, select_clean
-from .models import LoraSettings, load_causal_lm, save_causal_lm
+from .models import load_causal_lm, save_causal_lm
 from .poison import PoisonConfig, make_triggered_test, poison_dataset
 from .tinyworld import TinyWorld, TinyWorldConfig, build_tiny_world
 from .training import SFTConfig, train_sft

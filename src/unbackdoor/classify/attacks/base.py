@@ -218,14 +218,19 @@ class Attack:
                               fix=f"use rate <= {len(cand) / len(data):.4f}")
         if count == 0:
             log.warning("rate %s on %d samples poisons nothing", cfg.rate, len(data))
-        fit_info: dict[str, Any] = {}
-        if self.fitted and not (self.stateful and getattr(cfg, "state", None) is not None):
-            tensors, fit_info = self.fit(data)
-            if self.stateful:
-                self.cfg = cfg = dataclasses.replace(cfg, state=encode_state(tensors))  # a new config: input untouched
-                self._state = {k: v.detach().cpu() for k, v in tensors.items()}
         g = torch.Generator().manual_seed(int(cfg.seed))
         return torch.sort(cand[torch.randperm(len(cand), generator=g)[:count]]).values, g
+
+    def fit_trigger(self, data: ImageData) -> dict[str, Any]:
+        """Fit the trigger to ``data`` when the attack is fitted (and not restored from a saved state); its record."""
+        cfg = self.cfg
+        if not self.fitted or (self.stateful and getattr(cfg, "state", None) is not None):
+            return {}
+        tensors, fit_info = self.fit(data)
+        if self.stateful:
+            self.cfg = dataclasses.replace(cfg, state=encode_state(tensors))  # a new config: input untouched
+            self._state = {k: v.detach().cpu() for k, v in tensors.items()}
+        return fit_info
 
     def test_indices(self, test: ImageData) -> torch.Tensor:
         """The test samples that get the trigger: those whose true label is not the target (all for all2all)."""
@@ -238,8 +243,9 @@ class Attack:
         return keep
 
     def poison(self, data: ImageData) -> PoisonResult:
+        chosen, g = self.choose(data)  # first: a rate the data cannot meet fails before any fitting
+        fit_info = self.fit_trigger(data)
         cfg = self.cfg
-        chosen, g = self.choose(data)
         count = len(chosen)
         images, labels = data.images.clone(), data.labels.clone()
         if count:
