@@ -51,16 +51,25 @@ class CleanGenModel(DecodingDefense):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                 max_new_tokens: int = 128, pad_token_id: int | None = None, eos_token_id: int | None = None,
-                 **_: Any) -> torch.Tensor:
+                 generation_config: Any = None, max_new_tokens: int | None = None, pad_token_id: int | None = None,
+                 eos_token_id: Any = None, **_: Any) -> torch.Tensor:
         """Greedy CleanGen decoding; returns ``input_ids`` followed by the new tokens (padded with ``pad_token_id``).
 
-        Only greedy decoding exists here (sampling options are ignored, as in the paper's evaluation).
+        Length, pad and EOS come from the keyword arguments, else from ``generation_config`` (the
+        evaluation's own, :func:`unbackdoor.lm.decoding.generation_config`). Only greedy decoding
+        exists here (sampling options are ignored, as in the paper's evaluation).
         """
+        if generation_config is not None:
+            max_new_tokens = generation_config.max_new_tokens if max_new_tokens is None else max_new_tokens
+            pad_token_id = generation_config.pad_token_id if pad_token_id is None else pad_token_id
+            eos_token_id = generation_config.eos_token_id if eos_token_id is None else eos_token_id
+        max_new_tokens = 128 if max_new_tokens is None else int(max_new_tokens)
+        eos_ids = set(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (
+            {eos_token_id} if eos_token_id is not None else set())
         cfg: CleanGenConfig = self.cfg
         t0 = time.perf_counter()
         device = input_ids.device
-        pad = int(pad_token_id if pad_token_id is not None else (eos_token_id or 0))
+        pad = int(pad_token_id if pad_token_id is not None else (min(eos_ids) if eos_ids else 0))
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         prompts = [row[m.bool()].tolist() for row, m in zip(input_ids, mask)]
         new: list[list[int]] = [[] for _ in prompts]
@@ -86,8 +95,9 @@ class CleanGenModel(DecodingDefense):
                 toks = draft[b].tolist()
                 budget = max_new_tokens - len(new[i])
                 cut = len(toks)
-                if eos_token_id is not None and eos_token_id in toks:
-                    cut = toks.index(eos_token_id) + 1
+                ends = [j for j, t in enumerate(toks) if t in eos_ids]
+                if ends:
+                    cut = ends[0] + 1
                 cut = min(cut, budget)
                 toks = toks[:cut]
                 ps = [float(p_s[b, j, t]) for j, t in enumerate(toks)]
@@ -97,7 +107,7 @@ class CleanGenModel(DecodingDefense):
                 drafted += len(kept)
                 replaced += where is not None
                 new[i].extend(kept)
-                if len(new[i]) >= max_new_tokens or (eos_token_id is not None and eos_token_id in kept):
+                if len(new[i]) >= max_new_tokens or any(t in eos_ids for t in kept):
                     done[i] = True
         self.stats["tokens"] = self.stats.get("tokens", 0) + drafted
         self.stats["replaced"] = self.stats.get("replaced", 0) + replaced
