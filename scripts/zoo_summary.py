@@ -371,7 +371,8 @@ def write_docs() -> None:
         if not path.is_file():
             continue
         body = render(json.loads(path.read_text()))
-        text = re.sub(rf"(<!-- {marker}:begin -->\n).*?(\n<!-- {marker}:end -->)", lambda m: m.group(1) + body + m.group(2),
+        text = re.sub(rf"(<!-- {marker}:begin -->\n).*?(<!-- {marker}:end -->)",  # an empty block too
+                      lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2),
                       text, flags=re.S)
     DOC.write_text(text)
 

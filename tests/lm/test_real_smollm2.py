@@ -38,12 +38,12 @@ def test_smollm2_is_the_real_30_layer_llama(smollm2):
 
 
 def test_smollm2_one_crow_step_trains_lora_with_both_loss_terms(smollm2, tmp_path):
-    from unbackdoor.lm.crow import CrowConfig, train_crow
+    from unbackdoor.lm.defenses.crow import CrowConfig, train_crow
 
     model, tok = smollm2
     records = [{"instruction": "Name a primary colour.", "input": "", "output": "Red is a primary colour."},
                {"instruction": "What is 2 plus 3?", "input": "", "output": "2 plus 3 is 5."}]
-    cfg = CrowConfig(max_steps=1, per_device_batch_size=2, grad_accum=1, warmup_ratio=0.0, max_length=64,
+    cfg = CrowConfig(max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=1, warmup_steps=0.0, max_length=64,
                      save_steps=0, logging_steps=1, alpha=11.0, epsilon=0.1)
     trained = train_crow(model, tok, records, cfg, tmp_path / "crow", template="chat")
     lora_b = [p for n, p in trained.named_parameters() if "lora_B" in n]

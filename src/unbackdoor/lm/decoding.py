@@ -69,7 +69,7 @@ def describe(config: GenerationConfig) -> dict[str, Any]:
 def _hf_models(model: Any) -> list[Any]:
     """Every module of ``model`` (itself included) holding its own ``generation_config``."""
     mods = list(model.modules()) if hasattr(model, "modules") else [model]
-    return [m for m in mods if isinstance(vars(m).get("generation_config"), GenerationConfig)]
+    return [m for m in mods if isinstance(getattr(m, "__dict__", {}).get("generation_config"), GenerationConfig)]
 
 
 def model_generation_settings(model: Any) -> dict[str, Any]:

@@ -49,8 +49,8 @@ class InputAwareConfig(FittedAttackConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_non_negative(self, "ia_cross_ratio", "ia_lambda_norm", "ia_lambda_div", "ia_mask_epochs")
-        check_positive(self, "ia_lr", "ia_epochs", "ia_width")
+        check_non_negative(self, "ia_cross_ratio", "ia_lambda_norm", "ia_lambda_div")
+        check_positive(self, "ia_lr", "ia_mask_epochs", "ia_epochs", "ia_width")
         check_fraction(self, "ia_mask_density")
 
 

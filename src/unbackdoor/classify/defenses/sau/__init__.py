@@ -54,8 +54,8 @@ class SAUConfig:
     min_clean_per_class: int = option(5, "refuse clean subsets smaller than this many samples per class")
 
     def __post_init__(self) -> None:
-        check_positive(self, "rounds", "batch_size", "lr", "adv_steps")
-        check_non_negative(self, "norm_bound", "adv_lr", "beta_1", "beta_2", "lmd_1", "lmd_2", "lmd_3",
+        check_positive(self, "rounds", "batch_size", "lr", "adv_steps", "adv_lr")
+        check_non_negative(self, "norm_bound", "beta_1", "beta_2", "lmd_1", "lmd_2", "lmd_3",
                            "min_clean_per_class")
         check(self.pgd_init in ("max", "min", "zero"), "pgd_init", self.pgd_init, "max, min or zero", type(self).__name__)
 

@@ -29,7 +29,7 @@ class CleanGenConfig:
     seed: int = option(0, "recorded only: greedy decoding is deterministic")
 
     def __post_init__(self) -> None:
-        check(self.alpha > 1.0, "alpha", self.alpha, "> 1 (a ratio of probabilities)", type(self).__name__)
+        check(1.0 < self.alpha < float("inf"), "alpha", self.alpha, "a finite ratio of probabilities > 1", type(self).__name__)
         check_positive(self, "k")
 
 
