@@ -12,7 +12,7 @@ from pathlib import Path
 from .rel_helpers import alpaca_records, save_tiny_lm, tiny_classifier, tiny_images
 from unbackdoor.core.safeio import load_state_dict
 
-VOLATILE = {"seconds", "wall_seconds"}  # wall-clock times: the only values allowed to differ
+VOLATILE = {"seconds", "wall_seconds", "peak_memory_mib"}  # wall-clock times and sampled peak RSS: the only values allowed to differ
 
 
 def _strip(obj):
