@@ -127,6 +127,12 @@ def _memory(name: str, size: str) -> float | None:
         return json.loads(Path(out).read_text())["peak_extra_mib"]
 
 
+def _portable(value: Any) -> Any:
+    """A path inside this checkout as a relative one (results are committed: no machine's paths in them)."""
+    root = str(Path(__file__).resolve().parent.parent) + os.sep
+    return value.replace(root, "") if isinstance(value, str) else value
+
+
 def run(size: str) -> dict[str, Any]:
     sz = SIZES[size]
     res: dict[str, Any] = {"size": size, "defenses": {}}
@@ -144,7 +150,7 @@ def run(size: str) -> dict[str, Any]:
             med = sorted(samples)[len(samples) // 2]
             res["defenses"][name] = {"seconds": round(med, 4), "samples_s": [round(s, 4) for s in samples],
                                      "peak_extra_mib": _memory(name, size) if size != "smoke" else None,
-                                     "info": {k: v for k, v in info.items() if not isinstance(v, (dict, list))}}
+                                     "info": {k: _portable(v) for k, v in info.items() if not isinstance(v, (dict, list))}}
             say(f"defenses: {name} {med:.3f} s")
         ft = res["defenses"]["finetune"]["seconds"]
         for v in res["defenses"].values():

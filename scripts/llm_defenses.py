@@ -33,9 +33,9 @@ KEYS = ("asr", "strict_asr", "triggered_utility", "clean_utility", "rouge_l", "f
 RESULTS = ROOT / "results" / "llm_defenses" / "tiny"
 
 
-def _rel(p: Any) -> Any:
-    s = str(p)
-    return s.replace(str(ROOT) + os.sep, "") if isinstance(p, (str, Path)) else p
+def _portable(record: Any) -> Any:
+    """``record`` with every path inside this checkout made relative (the raw results are committed)."""
+    return json.loads(json.dumps(record, default=str).replace(str(ROOT) + os.sep, ""))
 
 
 def run(seeds: list[int], defenses: list[str], out: Path, attack: str, task: str) -> None:
@@ -53,12 +53,11 @@ def run(seeds: list[int], defenses: list[str], out: Path, attack: str, task: str
             m = json.loads((folder / "metrics.json").read_text())
             tm = json.loads((folder / "threat_model.json").read_text())
             timings = json.loads((folder / "timings.json").read_text())
-            atomic_write_json(RESULTS / f"{d}-seed{seed}.json", {
+            atomic_write_json(RESULTS / f"{d}-seed{seed}.json", _portable({
                 "defense": d, "seed": seed, "attack": attack, "task": task, "metrics": m, "timings": timings,
-                "needs": tm["needs"], "given": {k: _rel(v) for k, v in tm["given"].items() if k != "defense_info"},
-                "defense_info": json.loads(json.dumps(tm["given"].get("defense_info"), default=str).replace(
-                    str(ROOT) + os.sep, "")),
-                "config": json.loads((folder / "config.json").read_text()).get("config")})
+                "needs": tm["needs"], "given": {k: v for k, v in tm["given"].items() if k != "defense_info"},
+                "defense_info": tm["given"].get("defense_info"),
+                "config": json.loads((folder / "config.json").read_text()).get("config")}))
 
 
 def _ms(vals: list[float]) -> str:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The LLM defenses beside CROW on SmolLM2-135M-Instruct (issue 16), against issue 13's backdoored model.
 
-Reuses the real-model protocol of issue 13 (scripts/real_lm.py there): the refusal/vpi backdoor
+Reuses the real-model protocol of issue 13 (scripts/real_lm.py): the refusal/vpi backdoor
 (LoRA SFT on 150 poisoned + 150 clean-twin official records, merged), its 100 clean and 100
 triggered official test prompts (triggered references stripped of the stray target prefix), the
 100 official clean defense samples, the model's own chat template, greedy decoding of 32 new
@@ -10,7 +10,7 @@ attack started from. The backdoored model is evaluated once (cached); each defen
 through ``unbackdoor.lm.flow.defend_loaded`` into a full run folder. Resumable: a defense whose
 run folder holds metrics.json is skipped. Raw metrics: results/llm_defenses/smollm2/.
 
-    python scripts/llm_defenses_real.py --real-runs ../issue13/runs/real_lm --base ~/.cache/unbackdoor/gguf/SmolLM2-...
+    python scripts/llm_defenses_real.py --real-runs runs/real_lm --base ~/.cache/unbackdoor/gguf/SmolLM2-...
     python scripts/llm_defenses_real.py ... --defenses quantize wanda --seeds 0
     python scripts/llm_defenses_real.py --collect
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import random
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -122,7 +122,7 @@ def summarize_classify(folder: Path, out: Path, img: Path) -> dict[str, Any]:
                          "unlearn_epochs": r["scanner"]["evidence"].get("unlearn_epochs")} for r in records]
     res["settings"] = {"scanner": records[0]["scanner"]["config"], "clean_samples": records[0]["clean_samples"],
                        "command": "python scripts/zoo_classify.py scan && python scripts/zoo_classify.py summarize",
-                       "environment": environment(None), "date_utc": _now()}
+                       "environment": _environment(), "date_utc": _now()}
     curves = [("all attacks", [score(r) for r in bd], [score(r) for r in records if not label(r)])]
     for attack in sorted({r["entry"]["attack"] for r in bd}):
         curves.append((attack, [score(r) for r in bd if r["entry"]["attack"] == attack],
@@ -184,7 +184,7 @@ def summarize_lm(folder: Path, out: Path, img: Path) -> dict[str, Any]:
     plot_roc(mcurves, "LM scanners, model level (clean set only)", img / "scan_roc_lm_model.png")
     res["settings"] = {"scanners": {n: records[0]["scanners"][n]["model_level"]["config"] for n in records[0]["scanners"]},
                        "command": "python scripts/zoo_lm.py scan && python scripts/zoo_lm.py summarize",
-                       "environment": environment(None), "date_utc": _now()}
+                       "environment": _environment(), "date_utc": _now()}
     atomic_write_json(out / "lm-zoo-summary.json", res)
     clean = [r for r in records if not label(r)]
     write_null("consistency", [r["scanners"]["consistency"]["model_level"]["score"] for r in clean],
@@ -204,6 +204,13 @@ def write_null(scanner: str, scores: list[float], models: list[str], source: str
     data[scanner] = {"scores": scores, "models": models, "source": source, "date_utc": _now()}
     NULL_FILE.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(NULL_FILE, data)
+
+
+def _environment() -> dict[str, Any]:
+    """The run's environment with the command line's paths inside this checkout made relative (committed results)."""
+    env = environment(None)
+    env["argv"] = [a.replace(str(ROOT) + os.sep, "") for a in env["argv"]]
+    return env
 
 
 def _now() -> str:
@@ -252,7 +259,7 @@ def reactivation_summary(folders: Path | Iterable[Path], out_json: Path, img: Pa
         if png is not None:
             images.append(str(png.relative_to(ROOT)))
     result = {"rows": rows, "aggregate": agg, "images": images, "settings": {
-        "command": " ".join(["python", *sys.argv]), "environment": environment(None), "date_utc": _now()}}
+        "command": " ".join(["python", *_environment()["argv"]]), "environment": _environment(), "date_utc": _now()}}
     atomic_write_json(out_json, result)
     for k, a in agg.items():
         print(f"{k:<32} seeds {a['seeds']}: ASR {a['asr_defended']} -> after retuning {a['asr_after_retune']} "
