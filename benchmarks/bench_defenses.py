@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from common import PeakRSS, memory_env, mib, ratio, say
+from unbackdoor.core.runs import relative_to_checkout
 
 DEFENSES = ("finetune", "prune", "wanda", "wanda-2of4", "quantize", "quantize-int8", "lora-scale", "merge",
             "merge-ties", "cleangen", "beear", "crow")
@@ -127,12 +128,6 @@ def _memory(name: str, size: str) -> float | None:
         return json.loads(Path(out).read_text())["peak_extra_mib"]
 
 
-def _portable(value: Any) -> Any:
-    """A path inside this checkout as a relative one (results are committed: no machine's paths in them)."""
-    root = str(Path(__file__).resolve().parent.parent) + os.sep
-    return value.replace(root, "") if isinstance(value, str) else value
-
-
 def run(size: str) -> dict[str, Any]:
     sz = SIZES[size]
     res: dict[str, Any] = {"size": size, "defenses": {}}
@@ -150,7 +145,8 @@ def run(size: str) -> dict[str, Any]:
             med = sorted(samples)[len(samples) // 2]
             res["defenses"][name] = {"seconds": round(med, 4), "samples_s": [round(s, 4) for s in samples],
                                      "peak_extra_mib": _memory(name, size) if size != "smoke" else None,
-                                     "info": {k: _portable(v) for k, v in info.items() if not isinstance(v, (dict, list))}}
+                                     "info": relative_to_checkout({k: v for k, v in info.items() if not isinstance(v, (dict, list))},
+                                                                  Path(__file__).resolve().parent.parent)}
             say(f"defenses: {name} {med:.3f} s")
         ft = res["defenses"]["finetune"]["seconds"]
         for v in res["defenses"].values():

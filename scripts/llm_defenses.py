@@ -24,7 +24,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFENSES = ("finetune", "prune", "prune-2of4", "wanda", "wanda-2of4", "quantize", "quantize-int8", "lora-scale",
@@ -33,13 +32,8 @@ KEYS = ("asr", "strict_asr", "triggered_utility", "clean_utility", "rouge_l", "f
 RESULTS = ROOT / "results" / "llm_defenses" / "tiny"
 
 
-def _portable(record: Any) -> Any:
-    """``record`` with every path inside this checkout made relative (the raw results are committed)."""
-    return json.loads(json.dumps(record, default=str).replace(str(ROOT) + os.sep, ""))
-
-
 def run(seeds: list[int], defenses: list[str], out: Path, attack: str, task: str) -> None:
-    from unbackdoor.core.runs import atomic_write_json
+    from unbackdoor.core.runs import atomic_write_json, relative_to_checkout
     from unbackdoor.lm.testbed import run_tiny_world
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -53,11 +47,11 @@ def run(seeds: list[int], defenses: list[str], out: Path, attack: str, task: str
             m = json.loads((folder / "metrics.json").read_text())
             tm = json.loads((folder / "threat_model.json").read_text())
             timings = json.loads((folder / "timings.json").read_text())
-            atomic_write_json(RESULTS / f"{d}-seed{seed}.json", _portable({
+            atomic_write_json(RESULTS / f"{d}-seed{seed}.json", relative_to_checkout({
                 "defense": d, "seed": seed, "attack": attack, "task": task, "metrics": m, "timings": timings,
                 "needs": tm["needs"], "given": {k: v for k, v in tm["given"].items() if k != "defense_info"},
                 "defense_info": tm["given"].get("defense_info"),
-                "config": json.loads((folder / "config.json").read_text()).get("config")}))
+                "config": json.loads((folder / "config.json").read_text()).get("config")}, ROOT))
 
 
 def _ms(vals: list[float]) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -15,7 +14,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from unbackdoor.core.runs import atomic_write_json, environment
+from unbackdoor.core.runs import atomic_write_json, environment, relative_to_checkout
 from unbackdoor.core.stats import fmt_mean_std
 from unbackdoor.report.plots import _save
 from unbackdoor.scan.stats import auroc, calibrated_threshold, detection_rates, empirical_p_value, roc_curve
@@ -208,9 +207,7 @@ def write_null(scanner: str, scores: list[float], models: list[str], source: str
 
 def _environment() -> dict[str, Any]:
     """The run's environment with the command line's paths inside this checkout made relative (committed results)."""
-    env = environment(None)
-    env["argv"] = [a.replace(str(ROOT) + os.sep, "") for a in env["argv"]]
-    return env
+    return relative_to_checkout(environment(None), ROOT)
 
 
 def _now() -> str:

@@ -145,3 +145,15 @@ def test_aggregate_mean_std():
 def test_aggregate_does_not_count_nan():
     agg = aggregate([{"asr": float("nan")}, {"asr": 0.5}])
     assert agg["asr"]["n"] == 1 and agg["asr"]["mean"] == 0.5
+
+
+def test_relative_to_checkout_strips_only_paths_under_the_root(tmp_path):
+    from unbackdoor.core.runs import relative_to_checkout
+
+    root = tmp_path / "repo"
+    rec = {"model": str(root / "src" / "m"), "argv": ["x.py", "--cache", str(root / "runs" / "c")],
+           "sibling": str(tmp_path / "repo2" / "y"), "outside": "/elsewhere/z", "n": 3}
+    got = relative_to_checkout(rec, root)
+    assert got == {"model": "src/m", "argv": ["x.py", "--cache", "runs/c"], "sibling": str(tmp_path / "repo2" / "y"),
+                   "outside": "/elsewhere/z", "n": 3}
+    assert rec["model"] == str(root / "src" / "m")  # the input is not modified

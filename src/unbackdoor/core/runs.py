@@ -356,6 +356,15 @@ def environment(seed: int | None = None) -> dict[str, Any]:
     return env
 
 
+def relative_to_checkout(record: Any, root: str | Path) -> Any:
+    """``record`` (JSON-able) with every path under ``root`` written relative to it.
+
+    For results that are committed to a repository: they must not carry one machine's paths.
+    """
+    prefix = str(Path(root).resolve()) + os.sep
+    return json.loads(json.dumps(record, default=str).replace(json.dumps(prefix)[1:-1], ""))
+
+
 # ---- the run folder ----------------------------------------------------------------------
 
 class RunDir:
