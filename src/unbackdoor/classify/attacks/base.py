@@ -136,7 +136,7 @@ class Attack:
     modality: ClassVar[str] = "image"
     """What the attack poisons: ``image`` (ImageData) or ``text`` (TextData, ``attacks/text.py``)."""
     fitted: ClassVar[bool] = False
-    """The trigger is fitted to the training set when poisoning: :meth:`fit` runs first."""
+    """The trigger is fitted to the training set when poisoning: :meth:`fit` runs before any trigger is applied."""
     stateful: ClassVar[bool] = False
     """What :meth:`fit` returns is needed at test time too (kept in ``cfg.state``)."""
 
