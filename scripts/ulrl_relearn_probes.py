@@ -4,7 +4,7 @@ usage: python scripts/ulrl_relearn_probes.py ATTACK SEED VARIANT_JSON... [--cach
 Each VARIANT_JSON holds ULRLConfig fields plus x_* probe knobs (x_margin, x_cw, x_head_epochs, x_ft...).
 Results are appended to OUT/results.jsonl (the earlier records: results/classify/relearn-probes/results.jsonl).
 """
-import argparse, copy, json, sys, time
+import argparse, copy, json, time
 from pathlib import Path
 import torch, torch.nn.functional as F
 torch.set_num_threads(1)

@@ -116,7 +116,7 @@ def test_user_errors_exit_2_and_bugs_exit_1_with_a_debug_hint(tmp_path: Path):
            "def boom(*a, **k): raise ZeroDivisionError('simulated bug')\n"
            "b.build_report = boom\n"
            "from unbackdoor.cli import main\n"
-           f"sys.exit(main(sys.argv[1:]))\n")
+           "sys.exit(main(sys.argv[1:]))\n")
     args = ["report", str(tmp_path), "--out", str(tmp_path / "rep")]
     r = subprocess.run([sys.executable, "-c", bug, *args], capture_output=True, text=True)
     assert r.returncode == 1 and "ZeroDivisionError: simulated bug" in r.stderr and "--debug" in r.stderr

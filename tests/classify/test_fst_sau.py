@@ -6,7 +6,6 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from unbackdoor.classify.defenses import CLASSIFY_DEFENSES

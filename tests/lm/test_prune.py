@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from unbackdoor.lm.defenses import LM_DEFENSES
 from unbackdoor.lm.defenses.prune import PruneConfig, linear_layers, prune_mask, run_prune

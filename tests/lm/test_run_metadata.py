@@ -40,6 +40,8 @@ def test_lm_defend_records_what_the_flags_said(tiny_model_dir, with_test):
     assert m["defense"] == "finetune-crow-lr" and m["variant"] == "crow-lr"
     assert cfg["config"]["learning_rate"] == 1e-3  # CROW's lr (its paper default here)
     assert m["eval_rules"]["empty_answers"] == "drop"
+    # the defense's own memory (the "extra memory" column of the LLM-defense tables), and how it was measured
+    assert m["peak_memory_mib"] >= 0 and "RSS" in m["memory_method"]
     assert "llamafactory-alpaca" in card and "negsentiment" in card
     if with_test:
         assert m["before"] and m["after"] and "empty_triggered" in m["after"]

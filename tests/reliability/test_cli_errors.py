@@ -42,8 +42,8 @@ def files(tmp_path_factory):
         if (lm / f).exists():
             (evil / f).write_bytes((lm / f).read_bytes())
     torch.save({"w": torch.zeros(1), "x": CodePayload(root / "PWNED")}, evil / "pytorch_model.bin")
-    clf = save_classifier(build_model("preact_resnet_tiny", 4), root / "clf", architecture="preact_resnet_tiny",
-                          num_classes=4)
+    save_classifier(build_model("preact_resnet_tiny", 4), root / "clf", architecture="preact_resnet_tiny",
+                      num_classes=4)
     save_data(tiny_images(64, 32), root / "clean-images.safetensors")
     return root
 

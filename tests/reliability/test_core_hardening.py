@@ -10,7 +10,7 @@ import stat
 import pytest
 
 from unbackdoor.core.config import (
-    check_choice, check_fraction, check_non_negative, check_positive, from_dict, load_config, option,
+    check_choice, check_fraction, check_positive, from_dict, load_config, option,
     parse_overrides, read_yaml,
 )
 from unbackdoor.core.errors import ConfigError, DataError, NumericalError, UnbackdoorError, location

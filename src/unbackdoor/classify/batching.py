@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import torch
-from torch import nn
 
 from ..core.errors import DataError
+from ..core.resources import model_device  # noqa: F401  (re-exported: the defenses take it from here)
 from ..core.seeds import generator
 
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
@@ -57,12 +57,6 @@ def default_prepare(batch: Inputs) -> Inputs:
     if isinstance(batch, torch.Tensor) and batch.dtype == torch.uint8:
         return batch.float().div_(255.0)
     return batch
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def model_inputs(data: Any) -> Inputs:

@@ -19,6 +19,7 @@ import torch
 from ..core import distributed
 from ..core.config import check, check_choice, check_fraction, check_positive, option
 from ..core.errors import DataError, ModelError
+from ..core.resources import model_device
 from .consistency import layer_cosines
 from .data import IGNORE_INDEX, encode_prompt, encode_response, pad_ids, sft_collator, template_record
 from .decoding import describe, generation_config, ignored_generation_settings, own_decoding
@@ -176,13 +177,6 @@ def _pad_id(tokenizer: Any) -> int:
     return int(pad)
 
 
-def _device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
-
-
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], *, template: str = "alpaca",
              batch_size: int = 16, max_new_tokens: int = 128, min_new_tokens: int = 0,
@@ -210,7 +204,7 @@ def generate(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], *
     by_length = [prompts[i] for i in order]
     was_training = model.training
     model.eval()
-    device = _device(model)
+    device = model_device(model)
     def batch(start: int) -> list[str]:
         chunk = by_length[start:start + batch_size]
         ids, mask = pad_ids(tokenizer, chunk, "left")
@@ -237,7 +231,7 @@ def response_nll(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]
     """Mean per-token negative log-likelihood of each response (with EOS) after its prompt."""
     was_training = model.training
     model.eval()
-    device = _device(model)
+    device = model_device(model)
     collate = sft_collator(tokenizer)
 
     def batch(start: int) -> list[float]:
@@ -276,7 +270,7 @@ def layer_cosine_profile(model: Any, tokenizer: Any, prompts: Sequence[Mapping[s
         raise DataError("no prompts for the layer profile", where="layer_cosine_profile", fix="pass some records")
     was_training = model.training
     model.eval()
-    device = _device(model)
+    device = model_device(model)
 
     def batch(start: int) -> list[list[float]]:
         ids, mask = pad_ids(tokenizer, [encode_prompt(r, tokenizer, template) for r in prompts[start:start + batch_size]],

@@ -23,6 +23,7 @@ from ..core.defense import resolve_defense as core_resolve
 from ..core.errors import ConfigError, DataError
 from ..core.model_card import write_model_card
 from ..core.paths import MARKER_KEY, check_outputs, output_path
+from ..core.resources import PeakMemory, model_device
 from ..core.runs import atomic_write_json, staged_run
 from ..core.seeds import set_seed
 from .data import read_alpaca, write_alpaca
@@ -169,7 +170,7 @@ def defend_loaded(out: str | Path, model: Any, tok: Any, clean: Sequence[Mapping
                                model_path=(sources or {}).get("model"), adapter_path=(sources or {}).get("adapter"))
         set_seed(seed)
         t0 = time.perf_counter()
-        with run.phase("train" if spec.needs.trains else "defend"):
+        with run.phase("train" if spec.needs.trains else "defend"), PeakMemory(model_device(model)) as memory:
             model = spec.run(model, tok, list(clean), cfg, ctx)
         seconds = time.perf_counter() - t0
         if ctx.record:  # what the defense reported about itself (backend, chosen scale, behaviour examples)
@@ -199,6 +200,7 @@ def defend_loaded(out: str | Path, model: Any, tok: Any, clean: Sequence[Mapping
             clean_samples=len(clean_indices), n_clean=len(test) if measured else 0,
             n_triggered=len(triggered) if measured else 0, utility_metric=utility_metric, trigger=trigger,
             eval_rules=ecfg.rules(), backdoor_check=check,
+            peak_memory_mib=memory.peak_mib, memory_method=memory.method,
             **({"defense_info": ctx.record} if ctx.record else {})))
     return run.path
 
