@@ -514,6 +514,9 @@ def collect(out: Path, res: Path) -> dict[str, Any]:
                                             for n, (m, f, w) in {**DEFENSES, **VARIANTS}.items() if n in names},
                                "alpha": {t: alpha_for(t) for t in tasks}, "seeds": seeds,
                                "environment": environment(), "tasks": {}}
+    # the run folders hold the training seconds and steps; where a folder is gone (another machine, a cleaned
+    # runs/), the figures the previous summary recorded for that model are kept rather than lost
+    prev = read(res / "summary.json").get("tasks", {}) if (res / "summary.json").is_file() else {}
     for task in tasks:
         folder = res / tag(task)
         t: dict[str, Any] = {"data": read(out / "data" / tag(task) / "data.json")
@@ -540,6 +543,10 @@ def collect(out: Path, res: Path) -> dict[str, Any]:
                 if hist.is_file():
                     steps = [h for h in read(hist) if "loss" in h]
                     row["optimizer_steps"] = steps[-1]["step"] if steps else None
+                before = prev.get(task, {}).get("models", {}).get(name, {})
+                for k in ("train_seconds", "optimizer_steps"):
+                    if row.get(k) is None and before.get(k) is not None:
+                        row[k] = before[k]
             prof = folder / f"profile-{name}.json"
             if prof.is_file():
                 row["profile"] = _profile_stats(read(prof))
