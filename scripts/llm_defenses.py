@@ -90,12 +90,15 @@ def collect_rows(results: Path, defenses: list[str]) -> str:
                 before.setdefault(f"{r['seed']}:{k}", []).append(r["metrics"]["before"][k])
         cells = [_ms([r["metrics"]["after"][k] for r in recs]) for k in KEYS[:-1]]
         secs = _ms([r["metrics"]["seconds"] for r in recs])
-        rows.append(f"| {d} | " + " | ".join(cells) + f" | {secs} | {needs_text(recs[0]['needs'])} | "
+        mem = [r["metrics"]["peak_memory_mib"] for r in recs if r["metrics"].get("peak_memory_mib") is not None]
+        mem_cell = f"{statistics.fmean(mem):.0f} ({len(mem)})" if mem else "n/a"  # runs before it was recorded lack it
+        rows.append(f"| {d} | " + " | ".join(cells) + f" | {secs} | {mem_cell} | {needs_text(recs[0]['needs'])} | "
                     f"{','.join(str(r['seed']) for r in recs)} |")
     head = ("| defense | keyword ASR | strict ASR | triggered utility | clean utility (EM) | clean ROUGE-L | "
-            "false-trigger rate | seconds | needs | seeds |\n|---|---|---|---|---|---|---|---|---|---|")
+            "false-trigger rate | seconds | extra MiB (runs) | needs | seeds |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
     bd = [_ms([before[f"{s}:{k}"][0] for s in sorted(seeds_seen) if f"{s}:{k}" in before]) for k in KEYS[:-1]]
-    return "\n".join([head, "| backdoored (before) | " + " | ".join(bd) + " | | | " +
+    return "\n".join([head, "| backdoored (before) | " + " | ".join(bd) + " | | | | " +
                       ",".join(map(str, sorted(seeds_seen))) + " |", *rows])
 
 

@@ -38,6 +38,31 @@ def test_retune_measures_asr_at_every_step(tmp_path, make_tiny_lm, word_tokenize
     assert {"asr", "strict_asr", "clean_utility"} <= set(curve[0])
 
 
+def test_retuning_a_decoding_defense_trains_its_suspect_and_measures_through_its_decoding(
+        tmp_path, make_tiny_lm, word_tokenizer, record_factory, monkeypatch):
+    import torch
+
+    from unbackdoor.lm import reactivation
+    from unbackdoor.lm.defenses.cleangen.decoding import CleanGenConfig, CleanGenModel
+    from unbackdoor.lm.poison import make_triggered_test
+
+    poison = PoisonConfig()
+    recs = record_factory(12)
+    records, _, _ = retune_records(recs, poison, LMRetuneConfig(poisoned=2, samples=8))
+    suspect, reference = make_tiny_lm(seed=0), make_tiny_lm(seed=1)
+    ref_before = {k: v.clone() for k, v in reference.state_dict().items()}
+    model = CleanGenModel(suspect, reference, CleanGenConfig())
+    seen = []
+    real = reactivation.evaluate_model
+    monkeypatch.setattr(reactivation, "evaluate_model", lambda net, *a, **k: (seen.append(net), real(net, *a, **k))[1])
+    curve = retune(model, word_tokenizer, records, recs[:4], make_triggered_test(recs[:4], poison), poison,
+                   LMRetuneConfig(**FAST), tmp_path / "work", eval_cfg=EvalConfig(max_new_tokens=3))
+    assert [p["step"] for p in curve] == [0, 1, 2]
+    assert seen and all(net is model for net in seen)  # every point decoded by CleanGen, not by the bare suspect
+    assert any("lora_" in n for n, _ in suspect.named_parameters())  # the adapter went on the suspect
+    assert all(torch.equal(v, ref_before[k]) for k, v in reference.state_dict().items())  # the reference is untouched
+
+
 @pytest.mark.slow
 def test_retune_run_dir_records_the_curves_beside_an_lm_run(tmp_path, make_tiny_lm, word_tokenizer, record_factory):
     from unbackdoor.lm.data import write_alpaca

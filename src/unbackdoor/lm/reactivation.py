@@ -101,19 +101,27 @@ def retune(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], tes
 
     Step 0 is the model as given, then a point every ``cfg.eval_every`` optimizer steps (default:
     every epoch) and one at the end, each on the first ``cfg.eval_prompts`` clean and triggered prompts.
+
+    A decoding-time defense (CleanGen) changes no weights: what a downstream finetuner can retune is
+    the suspect it wraps, so the adapter goes on ``model.suspect`` (the reference stays as it was)
+    and every point is measured through the defense's own decoding.
     """
     from .training import steps_per_epoch
 
     ecfg = dataclasses.replace(eval_cfg or EvalConfig(template=template), max_prompts=cfg.eval_prompts)
+    wrapper = model if getattr(model, "is_decoding_defense", False) else None
+    trained = wrapper.suspect if wrapper is not None else model
 
     def measure(net: Any, step: int) -> dict[str, Any]:
-        metrics, _ = evaluate_model(net, tokenizer, test, triggered, poison, ecfg, desc=f"retune step {step}")
+        # LoRA is injected into the suspect's own modules, so the wrapper decodes with the retuned weights
+        metrics, _ = evaluate_model(wrapper if wrapper is not None else net, tokenizer, test, triggered, poison, ecfg,
+                                    desc=f"retune step {step}")
         return {"step": step, **{k: metrics[k] for k in CURVE_METRICS if k in metrics}}
 
     every = cfg.eval_every or steps_per_epoch(len(records), cfg)
     curve = _Curve(measure, every)
     first = measure(model, 0)
-    train_sft(model, tokenizer, list(records), cfg, work_dir, template=template, callbacks=[curve])
+    train_sft(trained, tokenizer, list(records), cfg, work_dir, template=template, callbacks=[curve])
     return [first, *curve.points]
 
 
