@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    from unbackdoor.core.runs import atomic_write_json
+    from unbackdoor.core.runs import atomic_write_json, relative_to_checkout
     from unbackdoor.lm.data import read_alpaca
     from unbackdoor.lm.evaluate import EvalConfig
     from unbackdoor.lm.flow import defend_loaded, evaluation_block, resolve_defense
@@ -112,12 +112,12 @@ def main(argv: list[str] | None = None) -> int:
                 del model
             m = json.loads((run_dir / "metrics.json").read_text())
             tm = json.loads((run_dir / "threat_model.json").read_text())
-            atomic_write_json(RESULTS / f"{d}-seed{seed}.json", {
+            atomic_write_json(RESULTS / f"{d}-seed{seed}.json", relative_to_checkout({
                 "defense": d, "seed": seed, "task": a.task, "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)",
                 "metrics": m, "timings": json.loads((run_dir / "timings.json").read_text()), "needs": tm["needs"],
                 "defense_info": tm["given"].get("defense_info"),
                 "config": json.loads((run_dir / "config.json").read_text()).get("config"),
-                "deterministic": d not in SEEDED})
+                "deterministic": d not in SEEDED}, ROOT, home=Path.home()))
             print(f"[real] {d} seed {seed}:", {k: round(m['after'][k], 3) for k in KEYS if k in m["after"]}, flush=True)
     print(collect_rows(RESULTS, a.defenses))
     return 0

@@ -157,3 +157,7 @@ def test_relative_to_checkout_strips_only_paths_under_the_root(tmp_path):
     assert got == {"model": "src/m", "argv": ["x.py", "--cache", "runs/c"], "sibling": str(tmp_path / "repo2" / "y"),
                    "outside": "/elsewhere/z", "n": 3}
     assert rec["model"] == str(root / "src" / "m")  # the input is not modified
+    home = tmp_path / "home"
+    rec = {"base": str(home / ".cache" / "m"), "model": str(root / "m"), "other": str(tmp_path / "x")}
+    assert relative_to_checkout(rec, root, home=home) == {"base": "~/.cache/m", "model": "m",
+                                                          "other": str(tmp_path / "x")}

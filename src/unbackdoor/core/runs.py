@@ -356,13 +356,16 @@ def environment(seed: int | None = None) -> dict[str, Any]:
     return env
 
 
-def relative_to_checkout(record: Any, root: str | Path) -> Any:
-    """``record`` (JSON-able) with every path under ``root`` written relative to it.
+def relative_to_checkout(record: Any, root: str | Path, home: str | Path | None = None) -> Any:
+    """``record`` (JSON-able) with every path under ``root`` written relative to it, and (with ``home``)
+    every other path under ``home`` written as ``~/...`` (a model cache, say).
 
     For results that are committed to a repository: they must not carry one machine's paths.
     """
-    prefix = str(Path(root).resolve()) + os.sep
-    return json.loads(json.dumps(record, default=str).replace(json.dumps(prefix)[1:-1], ""))
+    text = json.dumps(record, default=str).replace(json.dumps(str(Path(root).resolve()) + os.sep)[1:-1], "")
+    if home is not None:
+        text = text.replace(json.dumps(str(Path(home).resolve()) + os.sep)[1:-1], "~/")
+    return json.loads(text)
 
 
 # ---- the run folder ----------------------------------------------------------------------
