@@ -43,6 +43,27 @@ OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
+def real_lm_rows(task: str) -> str:
+    """CROW and the finetuning points of scripts/real_lm.py on the same backdoored model, data and evaluation,
+    as rows of the same table (mean ± sd over their seeds; seconds: training, from its summary)."""
+    from llm_defenses import _ms
+
+    res = ROOT / "results" / "real_lm"
+    models = json.loads((res / "summary.json").read_text())["tasks"].get(task.replace("-", "/"), {}).get("models", {})
+    rows = []
+    for name in ("ft-lr2e-4", "ft-lr1e-3", "crow"):
+        files = sorted((res / task).glob(f"eval-{name}-seed*.json"))
+        if not files:
+            continue
+        recs = [json.loads(f.read_text())["metrics"] for f in files]
+        seeds = [f.stem.rpartition("-seed")[2] for f in files]
+        secs = [models.get(f"{name}-seed{sd}", {}).get("train_seconds") for sd in seeds]
+        cells = [_ms([r.get(k) for r in recs]) for k in KEYS[:-1]]
+        rows.append(f"| {name} (real_lm.py) | " + " | ".join(cells) +
+                    f" | {_ms([x for x in secs if x is not None])} | n/a | clean data, training | {','.join(seeds)} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--real-runs", type=Path, help="issue 13's runs/real_lm folder (data/ and <task>/backdoored/)")
@@ -55,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.collect:
         print(collect_rows(RESULTS, a.defenses))
+        print(real_lm_rows(a.task))
         return 0
     os.environ.setdefault("UNBACKDOOR_QUIET", "1")
     import torch
