@@ -300,11 +300,11 @@ def last_token_cosines(model: Any, tok: Any, records: list[dict[str, Any]]) -> l
     """Per prompt, cos(hs[i], hs[i+1]) at its LAST token only (where the answer's first token is decided).
 
     The token mean dilutes a trigger of one or two tokens among ~50; this is CROW's own per-token
-    term (:func:`unbackdoor.lm.crow.consistency_terms`) with a mask that keeps the last position.
+    term (:func:`unbackdoor.lm.consistency.consistency_terms`) with a mask that keeps the last position.
     """
     import torch
 
-    from unbackdoor.lm.crow import consistency_terms
+    from unbackdoor.lm.consistency import consistency_terms
     from unbackdoor.lm.data import encode_prompt
 
     rows = []
