@@ -29,7 +29,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..core import distributed
     from .build import ReportConfig, build_report
+
+    if distributed.info().rank != 0:
+        # a report is one writer's job: under a multi-process launch the other ranks would race rank 0
+        # into the same folder (and find it half-written, as someone else's)
+        return 0
 
     cfg = config_from_args(ReportConfig, args)
     res = build_report(args.run_dirs, args.out, cfg, overwrite=args.overwrite)
