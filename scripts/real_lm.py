@@ -394,28 +394,27 @@ def attack(run: Runner, task: str, res: Path) -> tuple[str, dict[str, Any]]:
         secs_file = folder / "seconds.json"
         name = "backdoored" if i == 0 else "backdoored-retry"
         recorded = res / tag(task) / f"eval-{name}.json"
-        if i == 0 and not (folder / "model" / "config.json").is_file() and recorded.is_file() \
-                and not backdoor_took(read(recorded)["metrics"]):
+        have_model = (folder / "model" / "config.json").is_file()
+        m = read(recorded)["metrics"] if i == 0 and not have_model and recorded.is_file() else None
+        if m is not None and backdoor_took(m):
+            m = None  # a first round that took is the model the defenses need: retrain it
+        if m is None:
+            if not have_model:
+                with claim(run.out, f"{tag(task)}-attack-{i}") as mine:
+                    if not mine:
+                        raise Busy(f"{task} attack round {i}")
+                    _train_attack(run, task, i, b, folder, data, kind, attack_name, secs_file)
+            ev = evaluate(run, task, name, model, res)
+            if run.dry_run:
+                return model, record
+            m = ev["metrics"]
+            extra: dict[str, Any] = {"seconds": read(secs_file) if secs_file.is_file() else None}
+        else:
             # resuming on a machine without the first round's model: its recorded evaluation already says it
             # missed the bars, so the retry does not need it retrained
-            m = read(recorded)["metrics"]
-            record["rounds"].append({"name": name, "budget": b, "model": rel(model), "seconds": None,
-                                     "asr": m["asr"], "false_trigger_rate": m["false_trigger_rate"],
-                                     "took": False, "note": "from the recorded evaluation (model not retrained)"})
-            continue
-        if not (folder / "model" / "config.json").is_file():
-            with claim(run.out, f"{tag(task)}-attack-{i}") as mine:
-                if not mine:
-                    raise Busy(f"{task} attack round {i}")
-                _train_attack(run, task, i, b, folder, data, kind, attack_name, secs_file)
-        ev = evaluate(run, task, name, model, res)
-        if run.dry_run:
-            return model, record
-        m = ev["metrics"]
-        record["rounds"].append({"name": name, "budget": b, "model": rel(model),
-                                 "seconds": read(secs_file) if secs_file.is_file() else None,
-                                 "asr": m["asr"], "false_trigger_rate": m["false_trigger_rate"],
-                                 "took": backdoor_took(m)})
+            extra = {"seconds": None, "note": "from the recorded evaluation (model not retrained)"}
+        record["rounds"].append({"name": name, "budget": b, "model": rel(model), "asr": m["asr"],
+                                 "false_trigger_rate": m["false_trigger_rate"], "took": backdoor_took(m), **extra})
         if backdoor_took(m):
             record["used"] = name
             return model, record
