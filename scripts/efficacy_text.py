@@ -45,7 +45,8 @@ from unbackdoor.core.errors import UnbackdoorError  # noqa: E402
 from unbackdoor.core.runs import atomic_write_json, environment, read_json  # noqa: E402
 from unbackdoor.core.stats import aggregate, fmt_mean_std  # noqa: E402
 
-DEFENSES = ("ft-encoder", "fp-encoder", "nad-encoder", "clp", "ulrl", "ulrl-encoder")
+DEFENSES = ("ft-encoder", "fp-encoder", "nad-encoder", "fst-encoder", "ulrl", "ulrl-encoder",
+            "clp", "anp", "rnp", "i-bau", "sau")  # the last five refuse a transformer: recorded with the reason
 METRICS = ("acc", "asr", "ra", "target_recall", "der")
 
 

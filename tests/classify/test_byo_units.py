@@ -291,6 +291,39 @@ def test_clp_refuses_a_transformer_at_once(tiny_bert_task):
         CLASSIFY_DEFENSES.get("clp").check_model(model, None)
 
 
+def test_fst_encoder_preset_retrains_a_transformer_head_with_adamw_at_the_original_norm(tiny_bert_task):
+    model, data = tiny_bert_task
+    spec = CLASSIFY_DEFENSES.get("fst")
+    cfg = spec.make_config(preset="encoder", overrides={"epochs": 2, "min_clean_per_class": 2})
+    assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.augment) == ("adamw", 5e-5, 16, False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out, report = spec.run(model, data, cfg, num_classes=2, seed=0)
+    assert report.details["head"] == "classifier"
+    new, old = out.get_submodule("classifier").weight.detach(), before["classifier.weight"]
+    assert float(new.norm()) == pytest.approx(float(old.norm()), rel=1e-5)  # rescaled after every step
+    assert report.details["head_cosine_to_original"] < 0.9  # a fresh head, not the old one
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the input model is untouched
+
+
+@pytest.mark.parametrize("name,error,match", [("anp", ModelError, "batch norm"), ("rnp", ModelError, "batch norm"),
+                                              ("i-bau", DataError, "perturbs input images"),
+                                              ("sau", DataError, "perturbs input images")])
+def test_batch_norm_and_input_space_defenses_refuse_a_transformer_before_any_compute(tiny_bert_task, name, error,
+                                                                                    match):
+    model, data = tiny_bert_task
+    spec = CLASSIFY_DEFENSES.get(name)
+    cfg = spec.make_config(overrides={"min_clean_per_class": 2})
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(error, match=match):
+            spec.check_model(model, cfg)
+            spec.run(model, data, cfg, num_classes=2)
+    finally:
+        handle.remove()
+    assert calls == []  # refused before a single forward pass
+
+
 def test_no_suspect_is_said_in_metrics_and_in_the_report(tmp_path):
     from byo_nets import SmallNet
 

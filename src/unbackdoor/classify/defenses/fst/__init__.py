@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from ....core.runs import Phases, RunDir, as_run_dir
 from ....core.seeds import generator
 from ...batching import Prepare
 from ...loop import fit_sgd
-from ..common import DefenseReport, checked_labels, head_of, trainable_copy
+from ..common import ENCODER_RECIPE, OPTIMIZER_HELP, DefenseReport, checked_labels, head_of, trainable_copy
 
 
 @dataclass
@@ -38,6 +38,7 @@ class FSTConfig:
     weight_decay: float = option(0.0, "weight decay (official: none)")
     epochs: int = option(10, "epochs, cosine-annealed lr (10)")
     batch_size: int = option(128, "minibatch size (128)")
+    optimizer: Literal["sgd", "adamw"] = option("sgd", OPTIMIZER_HELP)
     augment: bool = option(True, "random crop + flip on image batches")
     min_clean_per_class: int = option(5, "refuse clean subsets smaller than this many samples per class")
     head: str | None = option(None, "dotted path of the classifier head (default: found automatically)")
@@ -85,7 +86,8 @@ def run_fst(model: nn.Module, clean_data: Any, cfg: FSTConfig | None = None, run
         logs = fit_sgd(out, clean_data, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                        momentum=cfg.momentum, weight_decay=cfg.weight_decay, scheduler="cosine", augment=cfg.augment,
                        seed=seed, loss_fn=lambda z, y: fst_loss(z, y, head.weight, original, cfg.alpha),
-                       on_step=lambda *_: rescale_to(head.weight, norm), prepare=prepare, desc="FST")
+                       on_step=lambda *_: rescale_to(head.weight, norm), prepare=prepare, desc="FST",
+                       optimizer=cfg.optimizer)
     cos = float(F.cosine_similarity(head.weight.detach().flatten(), original.flatten(), dim=0))
     details = {"head": head_name, "train_log": [{"acc": lg.acc, "loss": lg.loss} for lg in logs],
                "head_cosine_to_original": cos}
@@ -96,6 +98,8 @@ SPEC = DefenseSpec(
     name="fst", kind="classify", config=FSTConfig, run=run_fst, needs=Needs(trains=True),
     summary="feature shift tuning: re-initialised head pushed away from the original one (Min et al. 2023)",
     paper="Towards Stable Backdoor Purification through Feature Shift Tuning (NeurIPS 2023)",
-    presets={"readme": {"alpha": 0.1}},
+    # encoder: pretrained transformers get the fine-tuning defenses' AdamW recipe (common.ENCODER_RECIPE);
+    # the CNN recipe (SGD 0.01, batch 128) is one step an epoch on a 100-text clean set
+    presets={"readme": {"alpha": 0.1}, "encoder": dict(ENCODER_RECIPE)},
     budgets={"demo": {"epochs": 5}, "smoke": {"epochs": 1}},
 )
