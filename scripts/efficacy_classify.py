@@ -132,18 +132,18 @@ def markdown(result: dict) -> str:
     for attack, block in result["attacks"].items():
         seeds = block["backdoored"]["aggregate"].get("acc", {}).get("n", 0)
         lines.append(f"#### {attack} (mean ± std over {seeds} seeds)\n")
-        lines.append("| model | ACC | ASR | RA | target recall | DER | seconds | peak MiB | target selected |")
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+        lines.append("| model | n | ACC | ASR | RA | target recall | DER | seconds | peak MiB | target selected |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
         agg = block["backdoored"]["aggregate"]
         cell = lambda a, k: fmt_mean_std(a[k]["mean"], a[k]["std"]) if k in a else "n/a"  # noqa: E731
-        lines.append(f"| backdoored | {cell(agg, 'acc')} | {cell(agg, 'asr')} | {cell(agg, 'ra')} | "
+        lines.append(f"| backdoored | {seeds} | {cell(agg, 'acc')} | {cell(agg, 'asr')} | {cell(agg, 'ra')} | "
                      f"{cell(agg, 'target_recall')} | | | | |")
         for name, d in block["defenses"].items():
             a = d["aggregate"]
             sel = d.get("selection")
             hit = f"{sum(s['target_in_selected'] for s in sel)}/{len(sel)}" if sel else ""
             mem = f"{a['peak_memory_mib']['mean']:.0f}" if "peak_memory_mib" in a else "n/a"
-            lines.append(f"| {name} | {cell(a, 'acc')} | {cell(a, 'asr')} | {cell(a, 'ra')} | "
+            lines.append(f"| {name} | {len(d['per_seed'])} | {cell(a, 'acc')} | {cell(a, 'asr')} | {cell(a, 'ra')} | "
                          f"{cell(a, 'target_recall')} | {cell(a, 'der')} | {a['seconds']['mean']:.0f} | {mem} | {hit} |")
         lines.append("")
         lines.append("Per seed (ACC / ASR / target recall):\n")
@@ -175,6 +175,48 @@ def write_docs(result: dict, path: Path, marker: str = "efficacy", render=None) 
     atomic_write_text(path, head + body + tail)
 
 
+def plot(result: dict, path: Path, title: str = "") -> None:
+    """One panel per attack: clean accuracy against attack success, mean +- std over seeds, per defense.
+
+    The corner a defense wants is top left; the backdoored model (star) sits top right. Written
+    atomically as a PNG (matplotlib's object API: no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    attacks = list(result["attacks"])
+    fig = Figure(figsize=(4.2 * len(attacks), 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(attacks), squeeze=False)[0]
+    names = sorted({n for b in result["attacks"].values() for n in b["defenses"]})
+    colors = {n: f"C{i % 10}" for i, n in enumerate(names)}
+    markers = "osD^v<>ph*Xd"
+    for ax, attack in zip(axes, attacks):
+        block = result["attacks"][attack]
+        bd = block["backdoored"]["aggregate"]
+        if "asr" in bd:
+            ax.plot(bd["asr"]["mean"], bd["acc"]["mean"], "*", color="black", markersize=14, label="backdoored")
+        for i, name in enumerate(names):
+            a = block["defenses"].get(name, {}).get("aggregate", {})
+            if "asr" not in a:
+                continue
+            n = a["asr"]["n"]
+            ax.errorbar(a["asr"]["mean"], a["acc"]["mean"], xerr=a["asr"]["std"], yerr=a["acc"]["std"],
+                        fmt=markers[i % len(markers)], color=colors[name], capsize=3,
+                        label=name if n == bd.get("acc", {}).get("n") else f"{name} (n={n})")
+        seeds = bd.get("acc", {}).get("n", 0)
+        ax.set(xlim=(-0.05, 1.05), xlabel="attack success rate (lower is better)",
+               title=f"{attack} ({seeds} seeds)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("clean accuracy (higher is better)")
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    if title:
+        fig.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    tmp.replace(path)
+
+
 def make_assets(attacks: list[str]) -> None:
     for attack in attacks:
         folder = tiny_asset_dir(attack, 0)
@@ -197,6 +239,7 @@ def main() -> int:
     p.add_argument("--aggregate-only", action="store_true", help="only read the run folders and write the results")
     p.add_argument("--force", action="store_true", help="re-run defenses whose run folder is complete")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
+    p.add_argument("--plot", type=Path, default=None, help="also write an ACC-vs-ASR figure (PNG) of the table")
     p.add_argument("--make-assets", action="store_true", help="re-train the shipped seed-0 checkpoints and exit")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -211,6 +254,8 @@ def main() -> int:
     result["settings"]["results_file"] = str(results.relative_to(ROOT) if results.is_relative_to(ROOT) else results)
     atomic_write_json(a.results, result)
     write_docs(result, a.docs, a.marker)
+    if a.plot is not None:
+        plot(result, a.plot, f"tiny world: {a.marker}")
     print(markdown(result))
     return 0
 

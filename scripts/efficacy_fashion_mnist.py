@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from efficacy_classify import DEFAULT_DEFENSES, collect, defense_spec, write_docs  # noqa: E402
+from efficacy_classify import DEFAULT_DEFENSES, collect, defense_spec, plot, write_docs  # noqa: E402
 
 from unbackdoor.classify.attacks import attack_config, attack_config_from_dict, build_attack  # noqa: E402
 from unbackdoor.classify.data import stratified_subset  # noqa: E402
@@ -114,6 +114,9 @@ def main() -> int:
     p.add_argument("--cache-dir", type=Path, default=ROOT / "runs" / "fmnist-models")
     p.add_argument("--results", type=Path, default=ROOT / "results" / "classify" / "fashion_mnist.json")
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "results-byo.md")
+    p.add_argument("--marker", default="fashion-mnist",
+                   help="the docs section to rewrite, between <!-- MARKER:begin --> and <!-- MARKER:end -->")
+    p.add_argument("--plot", type=Path, default=None, help="also write an ACC-vs-ASR figure (PNG) of the table")
     p.add_argument("--aggregate-only", action="store_true")
     p.add_argument("--force", action="store_true")
     p.add_argument("--threads", type=int, default=1)
@@ -135,7 +138,9 @@ def main() -> int:
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "results_file": str(a.results.relative_to(ROOT)) if a.results.is_relative_to(ROOT) else str(a.results)})
     atomic_write_json(a.results, result)
-    write_docs(result, a.docs, marker="fashion-mnist")
+    write_docs(result, a.docs, marker=a.marker)
+    if a.plot is not None:
+        plot(result, a.plot, "Fashion-MNIST")
     print(f"results -> {a.results}; docs -> {a.docs}")
     return 0
 

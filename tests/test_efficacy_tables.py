@@ -1,0 +1,71 @@
+"""The efficacy scripts' tables and figure: seed counts per row, the ACC-vs-ASR PNG, docs rewritten between markers."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+from efficacy_classify import markdown, plot, write_docs  # noqa: E402
+
+from unbackdoor.core.stats import aggregate  # noqa: E402
+
+KEYS = ("acc", "asr", "ra", "target_recall", "der")
+
+
+def _rows(values):
+    return [{"seed": s, **dict(zip(KEYS, v)), "seconds": 1.0 + s, "peak_memory_mib": 100.0} for s, v in values]
+
+
+def _result():
+    backdoored = _rows([(0, (0.95, 0.99, 0.01, 0.9, 0.5)), (1, (0.93, 0.97, 0.02, 0.9, 0.5)),
+                        (2, (0.94, 0.98, 0.01, 0.9, 0.5))])
+    ft = _rows([(0, (0.94, 0.80, 0.1, 0.9, 0.6)), (1, (0.92, 0.70, 0.2, 0.9, 0.6)), (2, (0.93, 0.75, 0.1, 0.9, 0.6))])
+    anp = _rows([(0, (0.70, 0.30, 0.6, 0.7, 0.7))])  # the expensive defense at full budget on one seed only
+
+    def block(defenses):
+        return {"backdoored": {"per_seed": backdoored,
+                               "aggregate": aggregate([{k: b[k] for k in KEYS} for b in backdoored])},
+                "defenses": {name: {"seeds": [r["seed"] for r in rows], "per_seed": rows,
+                                    "aggregate": aggregate([{k: r[k] for k in (*KEYS, "seconds", "peak_memory_mib")}
+                                                            for r in rows])}
+                             for name, rows in defenses.items()}}
+
+    return {"attacks": {"badnets": block({"ft": ft, "anp": anp}), "blended": block({"ft": ft})},
+            "settings": {"command": "python scripts/efficacy_classify.py --seeds 0 1 2", "date_utc": "2026-12-07",
+                         "results_file": "results/classify/x.json"}}
+
+
+def test_each_row_says_how_many_seeds_it_averages():
+    text = markdown(_result())
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1] for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| model")}
+    assert rows == {"backdoored": "3", "ft": "3", "anp": "1"}
+    assert "| anp | 1 | 0.700 ± 0.000 | 0.300 ± 0.000 |" in text
+    assert "0.930 ± 0.010" in text  # ft's ACC over its three seeds
+
+
+def test_plot_writes_a_png_with_one_panel_per_attack(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "img" / "fig.png"
+    plot(_result(), out, "tiny world")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.parent.glob("*.tmp"))  # written atomically
+    width, height = Image.open(out).size
+    assert width > 1.5 * height  # two panels side by side
+
+
+@pytest.mark.parametrize("existing", [True, False])
+def test_write_docs_replaces_only_its_own_section(tmp_path, existing):
+    doc = tmp_path / "results.md"
+    if existing:
+        doc.write_text("# Page\n\nintro\n\n<!-- baselines:begin -->\nold table\n<!-- baselines:end -->\n\nprose after\n")
+    write_docs(_result(), doc, marker="baselines")
+    text = doc.read_text()
+    assert text.count("<!-- baselines:begin -->") == 1 and "old table" not in text
+    assert "| anp | 1 |" in text and "results/classify/x.json" in text
+    if existing:
+        assert text.startswith("# Page\n\nintro\n") and text.endswith("\n\nprose after\n")
