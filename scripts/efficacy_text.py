@@ -149,12 +149,12 @@ def markdown(result: dict) -> str:
     agg = result["backdoored"]["aggregate"]
     n = agg.get("acc", {}).get("n", 0)
     lines = [f"#### MiniLM-L6, harmful-vs-ordinary, text-badnet (mean ± std over {n} seeds)\n",
-             "| model | ACC | ASR | RA | target recall | DER | seconds | notes |", "|---|---|---|---|---|---|---|---|",
-             f"| backdoored | {cell(agg, 'acc')} | {cell(agg, 'asr')} | {cell(agg, 'ra')} | "
+             "| model | n | ACC | ASR | RA | target recall | DER | seconds | notes |", "|---|---|---|---|---|---|---|---|---|",
+             f"| backdoored | {n} | {cell(agg, 'acc')} | {cell(agg, 'asr')} | {cell(agg, 'ra')} | "
              f"{cell(agg, 'target_recall')} | | | |"]
     for name, d in result["defenses"].items():
         if d["refused"] and not d["per_seed"]:
-            lines.append(f"| {name} | refused | | | | | | {d['refused'][0]['reason']} |")
+            lines.append(f"| {name} | {len(d['refused'])} | refused | | | | | | {d['refused'][0]['reason']} |")
             continue
         a = d["aggregate"]
         notes = sorted({w.split(" (")[0] for r in d["per_seed"] for w in r["warnings"]})
@@ -162,7 +162,7 @@ def markdown(result: dict) -> str:
         if ul:
             notes.insert(0, f"scored {ul[0]['scored']} ({ul[0]['layer']}); selected per seed: "
                          + ", ".join(str(len(u["selected"])) for u in ul))
-        lines.append(f"| {name} | {cell(a, 'acc')} | {cell(a, 'asr')} | {cell(a, 'ra')} | "
+        lines.append(f"| {name} | {len(d['per_seed'])} | {cell(a, 'acc')} | {cell(a, 'asr')} | {cell(a, 'ra')} | "
                      f"{cell(a, 'target_recall')} | {cell(a, 'der')} | {a['seconds']['mean']:.0f} | "
                      f"{'; '.join(notes)} |")
     lines.append("\nPer seed (ACC / ASR / RA / target recall):\n")

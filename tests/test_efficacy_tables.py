@@ -69,3 +69,23 @@ def test_write_docs_replaces_only_its_own_section(tmp_path, existing):
     assert "| anp | 1 |" in text and "results/classify/x.json" in text
     if existing:
         assert text.startswith("# Page\n\nintro\n") and text.endswith("\n\nprose after\n")
+
+
+def test_text_table_lists_refusals_with_their_reason_and_seed_counts():
+    from efficacy_text import markdown as text_markdown
+
+    rows = _rows([(0, (0.9, 0.1, 0.8, 0.9, 0.9)), (1, (0.8, 0.2, 0.7, 0.8, 0.8))])
+    for r in rows:
+        r.update(warnings=["ULRL found no suspicious neuron: this result is plain finetuning (see metrics)"],
+                 ulrl={"scored": "head", "layer": "classifier", "selected": [], "status": "no_suspect"})
+    backdoored = [{"seed": s, "acc": 0.9, "asr": 1.0, "ra": 0.0, "target_recall": 0.95} for s in (0, 1)]
+    result = {"backdoored": {"per_seed": backdoored, "aggregate": aggregate([{k: v for k, v in b.items() if k != "seed"}
+                                                                             for b in backdoored])},
+              "defenses": {"ulrl": {"per_seed": rows, "refused": [],
+                                    "aggregate": aggregate([{k: r[k] for k in (*KEYS, "seconds")} for r in rows])},
+                           "anp": {"per_seed": [], "refused": [{"reason": "ANP needs batch norm"}] * 2,
+                                   "aggregate": {}}}}
+    text = text_markdown(result)
+    assert "| anp | 2 | refused | | | | | | ANP needs batch norm |" in text
+    assert "| ulrl | 2 | 0.850 ± 0.071 |" in text
+    assert "scored head (classifier); selected per seed: 0, 0; ULRL found no suspicious neuron" in text
