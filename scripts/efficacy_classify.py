@@ -13,7 +13,10 @@ between its markers.
     python scripts/efficacy_classify.py --make-assets                 # re-train the shipped seed-0 checkpoints
 
 Run folders go to ``--out`` (default ``runs/efficacy-classify``); an existing complete run folder
-(with ``metrics.json``) is kept unless ``--force``.
+(with ``metrics.json``) is kept unless ``--force``. Each backdoored model's own evaluation is kept in
+``OUT/ATTACK/_backdoored/seedN.json``; with ``--min-asr A`` a model whose backdoor did not take (ASR
+below A) gets no defense runs: a defense on it could only measure collateral damage, and the table
+says which seeds were skipped.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from unbackdoor.core.stats import aggregate, fmt_mean_std  # noqa: E402
 
 DEFAULT_DEFENSES = ("ft", "fp", "nad", "ulrl", "ulrl-kept")
 METRICS = ("acc", "asr", "ra", "target_recall", "der")
+BACKDOORED = "_backdoored"  # OUT/ATTACK/_backdoored/seedN.json: the backdoored model's own evaluation
 
 
 def defense_spec(name: str):
@@ -52,7 +56,23 @@ def defense_spec(name: str):
     return spec.name, cfg, preset
 
 
-def run(seeds: list[int], attacks: list[str], defenses: list[str], out: Path, cache: Path, force: bool) -> None:
+def record_backdoored(out: Path, attack: str, seed: int, before: dict) -> None:
+    """Keep the backdoored model's own evaluation, whether or not any defense runs on it."""
+    atomic_write_json(out / attack / BACKDOORED / f"seed{seed}.json",
+                      {"seed": seed, **{k: before[k] for k in METRICS if k in before}})
+
+
+def backdoor_taken(before: dict, min_asr: float, what: str) -> bool:
+    """False (and says so) when the backdoor did not take: ASR below ``min_asr``."""
+    if before["asr"] >= min_asr:
+        return True
+    print(f"{what}: the backdoor did not take (ASR {before['asr']:.3f} < --min-asr {min_asr}): defenses skipped",
+          flush=True)
+    return False
+
+
+def run(seeds: list[int], attacks: list[str], defenses: list[str], out: Path, cache: Path, force: bool,
+        min_asr: float = 0.0) -> None:
     for seed in seeds:
         train, test = tiny_world(seed)
         clean_idx = stratified_subset(train, TINY.clean_count, seed)
@@ -66,6 +86,9 @@ def run(seeds: list[int], attacks: list[str], defenses: list[str], out: Path, ca
             before = evaluate_attack(model, test, attack, triggered, with_predictions=True)
             print(f"seed {seed} {attack_name}: backdoored model ready in {time.perf_counter() - t0:.0f}s "
                   f"(acc {before[0]['acc']:.3f}, asr {before[0]['asr']:.3f})", flush=True)
+            record_backdoored(out, attack_name, seed, before[0])
+            if not backdoor_taken(before[0], min_asr, f"seed {seed} {attack_name}"):
+                continue
             for name in defenses:
                 path = out / attack_name / name / f"seed{seed}"
                 if (path / "metrics.json").is_file() and not force:
@@ -78,12 +101,13 @@ def run(seeds: list[int], attacks: list[str], defenses: list[str], out: Path, ca
                 print(format_table([metrics]).splitlines()[-1], flush=True)
 
 
-def collect(seeds: list[int], attacks: list[str], defenses: list[str], out: Path) -> dict:
+def collect(seeds: list[int], attacks: list[str], defenses: list[str], out: Path, min_asr: float = 0.0) -> dict:
     """Read the run folders back: per (attack, defense) the per-seed records and their aggregate."""
     result: dict = {"settings": {}, "attacks": {}}
     for attack in attacks:
         per_defense: dict = {}
-        backdoored = []
+        backdoored = [read_json(out / attack / BACKDOORED / f"seed{s}.json") for s in seeds
+                      if (out / attack / BACKDOORED / f"seed{s}.json").is_file()]
         for name in defenses:
             records, selections = [], []
             for seed in seeds:
@@ -112,7 +136,9 @@ def collect(seeds: list[int], attacks: list[str], defenses: list[str], out: Path
                                                               if k in r} for r in records])}
                 if selections:
                     per_defense[name]["selection"] = selections
-        result["attacks"][attack] = {"backdoored": {"per_seed": backdoored,
+        backdoored.sort(key=lambda b: b["seed"])
+        result["attacks"][attack] = {"not_taken": [b["seed"] for b in backdoored if b["asr"] < min_asr],
+                                     "backdoored": {"per_seed": backdoored,
                                                     "aggregate": aggregate([{k: v for k, v in b.items() if k != "seed"}
                                                                             for b in backdoored])},
                                      "defenses": per_defense}
@@ -120,7 +146,7 @@ def collect(seeds: list[int], attacks: list[str], defenses: list[str], out: Path
         "tiny_world": to_dict(TINY), "attack_defaults": "all-to-one, target 0, 10% poisoned (BackdoorBench)",
         "clean_subset": f"{TINY.clean_count} class-stratified training images per seed, shared by every defense",
         "clean_budget": {"clean_samples": TINY.clean_count, "clean_fraction": TINY.clean_count / TINY.n_train},
-        "seeds": seeds, "environment": environment(None),
+        "seeds": seeds, "min_asr": min_asr, "environment": environment(None),
         "command": "python scripts/efficacy_classify.py " + " ".join(sys.argv[1:]),
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     })
@@ -132,6 +158,10 @@ def markdown(result: dict) -> str:
     for attack, block in result["attacks"].items():
         seeds = block["backdoored"]["aggregate"].get("acc", {}).get("n", 0)
         lines.append(f"#### {attack} (mean ± std over {seeds} seeds)\n")
+        if block.get("not_taken"):
+            lines.append(f"The backdoor did not take on seed(s) {', '.join(map(str, block['not_taken']))} (ASR below "
+                         f"--min-asr): no defense ran there after the rule was set; rows on such a model "
+                         f"measure collateral damage only.\n")
         lines.append("| model | n | ACC | ASR | RA | target recall | DER | seconds | peak MiB | target selected |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|")
         agg = block["backdoored"]["aggregate"]
@@ -239,6 +269,8 @@ def main() -> int:
     p.add_argument("--aggregate-only", action="store_true", help="only read the run folders and write the results")
     p.add_argument("--force", action="store_true", help="re-run defenses whose run folder is complete")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
+    p.add_argument("--min-asr", type=float, default=0.0,
+                   help="skip the defenses on a backdoored model whose ASR is below this (the backdoor did not take)")
     p.add_argument("--plot", type=Path, default=None, help="also write an ACC-vs-ASR figure (PNG) of the table")
     p.add_argument("--make-assets", action="store_true", help="re-train the shipped seed-0 checkpoints and exit")
     a = p.parse_args()
@@ -248,8 +280,8 @@ def main() -> int:
         make_assets(a.attacks)
         return 0
     if not a.aggregate_only:
-        run(a.seeds, a.attacks, a.defenses, a.out, a.cache_dir, a.force)
-    result = collect(a.seeds, a.attacks, a.defenses, a.out)
+        run(a.seeds, a.attacks, a.defenses, a.out, a.cache_dir, a.force, a.min_asr)
+    result = collect(a.seeds, a.attacks, a.defenses, a.out, a.min_asr)
     results = a.results.resolve()
     result["settings"]["results_file"] = str(results.relative_to(ROOT) if results.is_relative_to(ROOT) else results)
     atomic_write_json(a.results, result)

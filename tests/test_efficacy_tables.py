@@ -89,3 +89,28 @@ def test_text_table_lists_refusals_with_their_reason_and_seed_counts():
     assert "| anp | 2 | refused | | | | | | ANP needs batch norm |" in text
     assert "| ulrl | 2 | 0.850 ± 0.071 |" in text
     assert "scored head (classifier); selected per seed: 0, 0; ULRL found no suspicious neuron" in text
+
+
+def test_a_backdoor_that_did_not_take_is_recorded_and_skipped(tmp_path, capsys):
+    import json
+
+    from efficacy_classify import BACKDOORED, backdoor_taken, collect, record_backdoored
+
+    record_backdoored(tmp_path, "wanet", 0, {"acc": 0.9, "asr": 0.95, "ra": 0.05, "target_recall": 0.9, "x": 1})
+    record_backdoored(tmp_path, "wanet", 1, {"acc": 0.9, "asr": 0.04, "ra": 0.9, "target_recall": 0.9})
+    assert backdoor_taken({"asr": 0.95}, 0.5, "seed 0 wanet")
+    assert not backdoor_taken({"asr": 0.04}, 0.5, "seed 1 wanet")
+    assert "did not take (ASR 0.040 < --min-asr 0.5)" in capsys.readouterr().out
+    run = tmp_path / "wanet" / "ft" / "seed0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"after": dict(zip(KEYS, (0.9, 0.1, 0.8, 0.9, 0.9))),
+                                                  "before": {"acc": 0.9, "asr": 0.95}, "seconds": 2.0}))
+    (run / "config.json").write_text(json.dumps({"config": {"lr": 0.01}}))
+    result = collect([0, 1], ["wanet"], ["ft"], tmp_path, min_asr=0.5)
+    block = result["attacks"]["wanet"]
+    assert block["not_taken"] == [1]
+    assert [b["seed"] for b in block["backdoored"]["per_seed"]] == [0, 1]  # both models listed, defended or not
+    assert block["backdoored"]["per_seed"][0] == {"seed": 0, "acc": 0.9, "asr": 0.95, "ra": 0.05, "target_recall": 0.9}
+    assert block["defenses"]["ft"]["seeds"] == [0]
+    assert (tmp_path / "wanet" / BACKDOORED / "seed1.json").is_file()
+    assert "did not take on seed(s) 1" in markdown(result)
