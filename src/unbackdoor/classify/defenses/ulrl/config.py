@@ -116,7 +116,9 @@ def stop_accuracy(cfg: ULRLConfig, num_classes: int) -> float:
 
     absolute: ``unlearn_stop_acc``; chance: ``1/K + margin * (1 - 1/K)``, which is 0.2 at K = 10 with
     the default margin 1/9, and 0.556 / 0.333 / 0.289 at K = 2 / 4 / 5 (above chance, reachable by a
-    model that collapsed onto one class); auto: the larger of the two.
+    model that collapsed onto one class of a class-balanced clean set; on an imbalanced one a model
+    collapsed onto the majority class can sit above it: the MiniLM measurement in docs/results-byo.md);
+    auto: the larger of the two.
     """
     chance = 1.0 / max(int(num_classes), 1)
     relative = chance + cfg.unlearn_stop_margin * (1.0 - chance)
