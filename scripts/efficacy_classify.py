@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -189,7 +190,27 @@ def markdown(result: dict) -> str:
                 lines.append(f"- {name} seed {s['seed']}: selected {s['selected']} ({s['status']}), "
                              f"z(target) = {s['z_target']:.1f}, largest other z = {s['z_max_other']:.1f}")
         lines.append("")
+    costs = relative_costs(result)
+    if costs:
+        lines.append("Cost relative to `ft` (median over every (attack, seed) that both ran, of defense seconds / "
+                     "ft seconds, one torch thread):\n")
+        lines.append("| defense | / ft | pairs |")
+        lines.append("|---|---|---|")
+        lines.extend(f"| {name} | {ratio:.2f} | {n} |" for name, (ratio, n) in costs.items())
+        lines.append("")
     return "\n".join(lines)
+
+
+def relative_costs(result: dict, reference: str = "ft") -> dict[str, tuple[float, int]]:
+    """Per defense: the median of its seconds over ``reference``'s seconds on the same (attack, seed), and the count."""
+    ratios: dict[str, list[float]] = {}
+    for block in result["attacks"].values():
+        ref = {r["seed"]: r["seconds"] for r in block["defenses"].get(reference, {}).get("per_seed", [])}
+        for name, d in block["defenses"].items():
+            for r in d["per_seed"]:
+                if ref.get(r["seed"]):
+                    ratios.setdefault(name, []).append(r["seconds"] / ref[r["seed"]])
+    return {name: (float(statistics.median(v)), len(v)) for name, v in ratios.items()}
 
 
 def write_docs(result: dict, path: Path, marker: str = "efficacy", render=None) -> None:

@@ -41,7 +41,7 @@ def _result():
 def test_each_row_says_how_many_seeds_it_averages():
     text = markdown(_result())
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1] for line in text.splitlines()
-            if line.startswith("| ") and not line.startswith("| model")}
+            if line.startswith("| ") and line.count("|") == 11 and not line.startswith("| model")}
     assert rows == {"backdoored": "3", "ft": "3", "anp": "1"}
     assert "| anp | 1 | 0.700 ± 0.000 | 0.300 ± 0.000 |" in text
     assert "0.930 ± 0.010" in text  # ft's ACC over its three seeds
@@ -114,3 +114,15 @@ def test_a_backdoor_that_did_not_take_is_recorded_and_skipped(tmp_path, capsys):
     assert block["defenses"]["ft"]["seeds"] == [0]
     assert (tmp_path / "wanet" / BACKDOORED / "seed1.json").is_file()
     assert "did not take on seed(s) 1" in markdown(result)
+
+
+def test_relative_costs_pair_each_defense_with_ft_on_the_same_model():
+    from efficacy_classify import relative_costs
+
+    costs = relative_costs(_result())
+    assert costs["ft"] == (1.0, 6)
+    assert costs["anp"] == (1.0, 1)  # seed 0 only: 1 s / ft's 1 s
+    result = _result()
+    result["attacks"]["badnets"]["defenses"]["anp"]["per_seed"][0]["seconds"] = 50.0
+    assert relative_costs(result)["anp"] == (50.0, 1)
+    assert "| anp | 50.00 | 1 |" in markdown(result)
