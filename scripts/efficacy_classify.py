@@ -161,8 +161,8 @@ def markdown(result: dict) -> str:
         lines.append(f"#### {attack} (mean ± std over {seeds} seeds)\n")
         if block.get("not_taken"):
             lines.append(f"The backdoor did not take on seed(s) {', '.join(map(str, block['not_taken']))} (ASR below "
-                         f"--min-asr): no defense ran there after the rule was set; rows on such a model "
-                         f"measure collateral damage only.\n")
+                         f"--min-asr {result.get('settings', {}).get('min_asr')}): the rule skips the defenses "
+                         f"there; rows run on such a model before the rule measure collateral damage only.\n")
         lines.append("| model | n | ACC | ASR | RA | target recall | DER | seconds | peak MiB | target selected |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|")
         agg = block["backdoored"]["aggregate"]
