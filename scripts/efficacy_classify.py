@@ -231,6 +231,7 @@ def plot(result: dict, path: Path, title: str = "") -> None:
 
     The corner a defense wants is top left; the backdoored model (star) sits top right. Written
     atomically as a PNG (matplotlib's object API: no pyplot state)."""
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -239,7 +240,8 @@ def plot(result: dict, path: Path, title: str = "") -> None:
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(attacks), squeeze=False)[0]
     names = sorted({n for b in result["attacks"].values() for n in b["defenses"]})
-    colors = {n: f"C{i % 10}" for i, n in enumerate(names)}
+    palette = colormaps["tab20"]  # ten hues, then their light twins: distinct up to 20 defenses
+    colors = {n: palette((2 * i) % 20 + (i // 10) % 2) for i, n in enumerate(names)}
     markers = "osD^v<>ph*Xd"
     for ax, attack in zip(axes, attacks):
         block = result["attacks"][attack]
