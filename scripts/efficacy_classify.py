@@ -261,7 +261,11 @@ def plot(result: dict, path: Path, title: str = "") -> None:
                title=f"{attack} ({seeds} seeds)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("clean accuracy (higher is better)")
-    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    entries: dict = {}  # every panel's labels once: a defense run on one attack only still gets its entry
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    axes[-1].legend(list(entries.values()), list(entries), fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     if title:
         fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,19 @@ def test_plot_writes_a_png_with_one_panel_per_attack(tmp_path):
     assert width > 1.5 * height  # two panels side by side
 
 
+def test_the_legend_names_a_defense_that_ran_on_the_first_attack_only(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    seen = []
+    def record(self, fname, *args, **kwargs):
+        seen.append([t.get_text() for ax in self.axes if ax.get_legend() for t in ax.get_legend().get_texts()])
+        Path(fname).write_bytes(b"")
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    plot(_result(), tmp_path / "fig.png")
+    assert seen and "anp (n=1)" in seen[0] and "ft" in seen[0] and "backdoored" in seen[0]
+
+
 @pytest.mark.parametrize("existing", [True, False])
 def test_write_docs_replaces_only_its_own_section(tmp_path, existing):
     doc = tmp_path / "results.md"
