@@ -252,10 +252,9 @@ def plot(result: dict, path: Path, title: str = "") -> None:
             a = block["defenses"].get(name, {}).get("aggregate", {})
             if "asr" not in a:
                 continue
-            n = a["asr"]["n"]
             ax.errorbar(a["asr"]["mean"], a["acc"]["mean"], xerr=a["asr"]["std"], yerr=a["acc"]["std"],
                         fmt=markers[i % len(markers)], color=colors[name], capsize=3,
-                        label=name if n == bd.get("acc", {}).get("n") else f"{name} (n={n})")
+                        label=name)  # seed counts per row are in the table
         seeds = bd.get("acc", {}).get("n", 0)
         ax.set(xlim=(-0.05, 1.05), xlabel="attack success rate (lower is better)",
                title=f"{attack} ({seeds} seeds)")
