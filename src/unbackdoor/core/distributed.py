@@ -25,6 +25,8 @@ Every function is a no-op (or the identity) in a single process, so callers need
 """
 from __future__ import annotations
 
+import atexit
+
 import contextlib
 import os
 from dataclasses import dataclass
@@ -131,7 +133,16 @@ def init(*, cpu: bool | None = None) -> DistInfo:
     PartialState(cpu=use_cpu)
     if not dist.is_initialized():  # pragma: no cover - accelerate always initialises when WORLD_SIZE > 1
         dist.init_process_group("gloo" if use_cpu else "nccl")
+    atexit.register(shutdown)
     return info()
+
+
+def shutdown() -> None:
+    """Leave the process group (idempotent). Registered at exit by :func:`init`: a process that exits with
+    its group alive can abort in the group's destructor ("terminate called without an active exception",
+    seen on a 2-process gloo run), which the launcher reports as a failed job."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def cpu_env() -> bool:
