@@ -232,12 +232,12 @@ def plot(result: dict, path: Path, title: str = "") -> None:
     The corner a defense wants is top left; the backdoored model (star) sits top right. Written
     atomically as a PNG (matplotlib's object API: no pyplot state)."""
     from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from unbackdoor.report.plots import save_png
 
     attacks = list(result["attacks"])
     fig = Figure(figsize=(4.2 * len(attacks), 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(attacks), squeeze=False)[0]
     names = sorted({n for b in result["attacks"].values() for n in b["defenses"]})
     palette = colormaps["tab20"]  # ten hues, then their light twins: distinct up to 20 defenses
@@ -267,10 +267,7 @@ def plot(result: dict, path: Path, title: str = "") -> None:
     axes[-1].legend(list(entries.values()), list(entries), fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     if title:
         fig.suptitle(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    tmp.replace(path)
+    save_png(fig, path)
 
 
 def make_assets(attacks: list[str]) -> None:

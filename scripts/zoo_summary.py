@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from unbackdoor.core.runs import atomic_write_json, environment, relative_to_checkout
 from unbackdoor.core.stats import fmt_mean_std
-from unbackdoor.report.plots import _save
+from unbackdoor.report.plots import save_png
 from unbackdoor.scan.stats import auroc, calibrated_threshold, detection_rates, empirical_p_value, roc_curve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +53,7 @@ def plot_roc(curves: list[tuple[str, Sequence[float], Sequence[float]]], title: 
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _fmt(v: Any) -> str:

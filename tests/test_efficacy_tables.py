@@ -64,7 +64,7 @@ def test_the_legend_names_a_defense_that_ran_on_the_first_attack_only(tmp_path, 
     seen = []
     def record(self, fname, *args, **kwargs):
         seen.append([t.get_text() for ax in self.axes if ax.get_legend() for t in ax.get_legend().get_texts()])
-        Path(fname).write_bytes(b"")
+        fname.write(b"")  # save_png renders into a buffer, then writes the file atomically
 
     monkeypatch.setattr(Figure, "savefig", record)
     plot(_result(), tmp_path / "fig.png")

@@ -26,7 +26,6 @@ Every function is a no-op (or the identity) in a single process, so callers need
 from __future__ import annotations
 
 import atexit
-
 import contextlib
 import os
 from dataclasses import dataclass

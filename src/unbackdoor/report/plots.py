@@ -29,7 +29,8 @@ TRIGGERED_LABEL = {"lm": "triggered utility", "classify": "robust accuracy (RA)"
 TRIG_COLOR = "#27ae60"
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_png(fig: Figure, path: Path) -> Path:
+    """Render ``fig`` to PNG and write it atomically (whole or not at all)."""
     import io
 
     FigureCanvasAgg(fig)
@@ -89,7 +90,7 @@ def plot_asr_utility(scenarios: dict[tuple[str, str, str], list[GroupSummary]], 
             ax.legend(fontsize=7, loc="upper center", ncol=3, bbox_to_anchor=(0.5, 1.32 if n == 1 else 1.28),
                       frameon=False)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_layer_cosine(summary: "CosineSummary", title: str, path: Path) -> Path:
@@ -139,7 +140,7 @@ def plot_layer_cosine(summary: "CosineSummary", title: str, path: Path) -> Path:
             a.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def ulrl_cutoff(selection: dict[str, Any]) -> float | None:
@@ -193,7 +194,7 @@ def plot_ulrl_selection(selections: list[tuple[int, dict[str, Any]]], title: str
     fig.suptitle(title, fontsize=9)
     fig.supxlabel("output neuron (class)", fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_unlearn_trace(traces: list[tuple[int, dict[str, Any]]], title: str, path: Path,
@@ -215,4 +216,4 @@ def plot_unlearn_trace(traces: list[tuple[int, dict[str, Any]]], title: str, pat
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)

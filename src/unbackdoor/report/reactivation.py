@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from ..core.reactivation import FILE
 from ..core.stats import fmt_mean_std
 from .collect import GroupSummary
-from .plots import _save
+from .plots import save_png
 
 HEADER = "ASR after retuning ↓"
 
@@ -111,7 +111,7 @@ def plot(groups: Sequence[GroupSummary], title: str, path: Path) -> Path | None:
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 __all__ = ["HEADER", "column", "plot"]

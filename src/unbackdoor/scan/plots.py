@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..report.plots import _save
+from ..report.plots import save_png
 from .spec import ScanResult
 
 FLAG, PLAIN, LINE = "#c0392b", "#2471a3", "#555555"
@@ -29,7 +29,7 @@ def plot_ulrl(result: ScanResult, path: Path, class_names: Sequence[str] | None 
     verdict = {True: "backdoored", False: "no backdoor found", None: "no verdict"}[result.verdict]
     ax.set_title(f"ULRL scanner: {verdict} (max z {result.score:.1f})", fontsize=10)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_input_scores(result: ScanResult, path: Path, *, clean: Sequence[float], inputs: Sequence[float] | None,
@@ -50,7 +50,7 @@ def plot_input_scores(result: ScanResult, path: Path, *, clean: Sequence[float],
     ax.set_ylabel("prompts")
     ax.set_title(f"{result.scanner}: model-level score {result.score:.3g} ({result.threshold_text()})", fontsize=10)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_result(result: ScanResult, folder: Path, *, inputs: dict[str, Any] | None = None,
